@@ -1,0 +1,42 @@
+"""Reading a diffusers `config.json` into a config dataclass (diffusers field names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ModelFolderError
+
+T = TypeVar("T")
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build `cls` from the keys it knows; other keys (e.g. `_class_name`) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_config(cls: type[T], path: Path) -> T:
+    try:
+        return config_from_dict(cls, read_json(path))
+    except (TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{path}: bad config ({exc})") from None

@@ -1,0 +1,250 @@
+"""UNet2DConditionModel of Stable Diffusion 1.x/2.x, with diffusers' parameter names.
+
+Built from the `unet/config.json` of a diffusers folder, so the distilled shapes (BK-SDM: one resnet
+per down block, no mid block, fewer stages) need no special code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelFolderError
+from .layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
+                     Upsample2D, timestep_embedding)
+
+IntOrTuple = int | tuple[int, ...]
+
+
+@dataclass
+class UNetConfig:
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: IntOrTuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: IntOrTuple = 1
+    attention_head_dim: IntOrTuple = 8
+    num_attention_heads: IntOrTuple | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_cond_proj_dim: int | None = None
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    resnet_time_scale_shift: str = "default"
+    time_embedding_type: str = "positional"
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    dual_cross_attention: bool = False
+
+    def validate(self) -> None:
+        unsupported = {
+            "class_embed_type": (self.class_embed_type, None),
+            "addition_embed_type": (self.addition_embed_type, None),
+            "resnet_time_scale_shift": (self.resnet_time_scale_shift, "default"),
+            "time_embedding_type": (self.time_embedding_type, "positional"),
+            "act_fn": (self.act_fn, "silu"),
+            "dual_cross_attention": (self.dual_cross_attention, False),
+        }
+        for name, (value, wanted) in unsupported.items():
+            if value != wanted:
+                raise ModelFolderError(f"unet config: {name}={value!r} is not supported (only {wanted!r})")
+        n = len(self.down_block_types)
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            raise ModelFolderError("unet config: down_block_types, up_block_types and "
+                                   "block_out_channels must have the same length")
+        known_down = {"CrossAttnDownBlock2D", "DownBlock2D"}
+        known_up = {"CrossAttnUpBlock2D", "UpBlock2D"}
+        for t in self.down_block_types:
+            if t not in known_down:
+                raise ModelFolderError(f"unet config: down block type {t!r} is not supported")
+        for t in self.up_block_types:
+            if t not in known_up:
+                raise ModelFolderError(f"unet config: up block type {t!r} is not supported")
+        if self.mid_block_type not in (None, "UNetMidBlock2DCrossAttn"):
+            raise ModelFolderError(f"unet config: mid_block_type {self.mid_block_type!r} is not supported")
+
+    def per_block(self, value, name: str) -> tuple:
+        n = len(self.down_block_types)
+        if isinstance(value, (tuple, list)):
+            if len(value) != n:
+                raise ModelFolderError(f"unet config: {name} needs {n} entries, has {len(value)}")
+            return tuple(value)
+        return (value,) * n
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D, or DownBlock2D when `with_attention` is False (same keys, minus attentions)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, heads: int, context_dim: int,
+                 cfg: UNetConfig, transformer_layers: int, only_cross: bool, add_downsample: bool,
+                 with_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, cfg.norm_num_groups, cfg.norm_eps)
+            for i in range(layers)])
+        if with_attention:
+            self.attentions = nn.ModuleList([
+                Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, transformer_layers,
+                                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross)
+                for _ in range(layers)])
+        else:
+            self.attentions = None
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
+                             if add_downsample else None)
+
+    def forward(self, x, temb, context):
+        states = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            states.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            states.append(x)
+        return x, states
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D, or UpBlock2D when `with_attention` is False."""
+
+    def __init__(self, in_ch: int, prev_ch: int, out_ch: int, temb: int, layers: int, heads: int,
+                 context_dim: int, cfg: UNetConfig, transformer_layers: int, only_cross: bool,
+                 add_upsample: bool, with_attention: bool):
+        super().__init__()
+        resnets = []
+        for i in range(layers):
+            skip_ch = in_ch if i == layers - 1 else out_ch
+            res_in = prev_ch if i == 0 else out_ch
+            resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb, cfg.norm_num_groups, cfg.norm_eps))
+        self.resnets = nn.ModuleList(resnets)
+        if with_attention:
+            self.attentions = nn.ModuleList([
+                Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, transformer_layers,
+                                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross)
+                for _ in range(layers)])
+        else:
+            self.attentions = None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
+
+    def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, ch: int, temb: int, heads: int, context_dim: int, cfg: UNetConfig,
+                 transformer_layers: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(ch, ch, temb, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor)
+            for _ in range(2)])
+        self.attentions = nn.ModuleList([
+            Transformer2DModel(heads, ch // heads, ch, context_dim, transformer_layers,
+                               cfg.norm_num_groups, cfg.use_linear_projection)])
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        ch = cfg.block_out_channels
+        n = len(ch)
+        temb = ch[0] * 4
+        heads = cfg.per_block(cfg.num_attention_heads or cfg.attention_head_dim, "attention_head_dim")
+        layers = cfg.per_block(cfg.layers_per_block, "layers_per_block")
+        tlayers = cfg.per_block(cfg.transformer_layers_per_block, "transformer_layers_per_block")
+        only_cross = cfg.per_block(cfg.only_cross_attention, "only_cross_attention")
+        ctx = cfg.cross_attention_dim
+        if cfg.upcast_attention:
+            pass  # attention is computed in fp32 on CPU anyway
+
+        pad = (cfg.conv_in_kernel - 1) // 2
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=pad)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim)
+
+        self.down_blocks = nn.ModuleList()
+        out_ch = ch[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            in_ch, out_ch = out_ch, ch[i]
+            self.down_blocks.append(DownBlock(
+                in_ch, out_ch, temb, layers[i], heads[i], ctx, cfg, tlayers[i], only_cross[i],
+                add_downsample=i < n - 1, with_attention=kind == "CrossAttnDownBlock2D"))
+
+        if cfg.mid_block_type is None:
+            self.mid_block = None
+        else:
+            self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb, heads[-1], ctx, cfg, tlayers[-1])
+
+        self.up_blocks = nn.ModuleList()
+        rch = tuple(reversed(ch))
+        rheads, rlayers = tuple(reversed(heads)), tuple(reversed(layers))
+        rtlayers, ronly = tuple(reversed(tlayers)), tuple(reversed(only_cross))
+        out_ch = rch[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            prev_ch, out_ch = out_ch, rch[i]
+            in_ch = rch[min(i + 1, n - 1)]
+            self.up_blocks.append(UpBlock(
+                in_ch, prev_ch, out_ch, temb, rlayers[i] + 1, rheads[i], ctx, cfg, rtlayers[i], ronly[i],
+                add_upsample=i < n - 1, with_attention=kind == "CrossAttnUpBlock2D"))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        pad = (cfg.conv_out_kernel - 1) // 2
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=pad)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.float32)
+        t = timestep.reshape(-1).expand(sample.shape[0])
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(emb.to(sample.dtype), timestep_cond)
+
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, states = block(x, temb, encoder_hidden_states)
+            skips.extend(states)
+        if self.mid_block is not None:
+            x = self.mid_block(x, temb, encoder_hidden_states)
+        for i, block in enumerate(self.up_blocks):
+            n_res = len(block.resnets)
+            block_skips = skips[-n_res:]
+            del skips[-n_res:]
+            size = skips[-1].shape[2:] if skips and block.upsamplers is not None else None
+            x = block(x, block_skips, temb, encoder_hidden_states, size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,163 @@
+"""AutoencoderKL (the SD VAE), with diffusers' parameter names: encoder, decoder, quant convs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelFolderError
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def validate(self) -> None:
+        if self.act_fn != "silu":
+            raise ModelFolderError(f"vae config: act_fn={self.act_fn!r} is not supported")
+        if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
+            raise ModelFolderError(f"vae config: down_block_types {self.down_block_types} not supported")
+        if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
+            raise ModelFolderError(f"vae config: up_block_types {self.up_block_types} not supported")
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ModelFolderError("vae config: block types and block_out_channels differ in length")
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, single-head self-attention over the feature map, resnet."""
+
+    def __init__(self, ch: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, 1e-6) for _ in range(2)])
+        self.attentions = nn.ModuleList(
+            [Attention(ch, 1, ch, bias=True, norm_groups=groups, norm_eps=1e-6, residual=True)]
+        ) if add_attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6)
+                                      for i in range(layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)]) if add_downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, add_upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6)
+                                      for i in range(layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        out_ch = ch[0]
+        for i in range(len(ch)):
+            in_ch, out_ch = out_ch, ch[i]
+            self.down_blocks.append(DownEncoderBlock2D(in_ch, out_ch, cfg.layers_per_block, g,
+                                                       add_downsample=i < len(ch) - 1))
+        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        rch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(rch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList()
+        out_ch = rch[0]
+        for i in range(len(rch)):
+            in_ch, out_ch = out_ch, rch[i]
+            self.up_blocks.append(UpDecoderBlock2D(in_ch, out_ch, cfg.layers_per_block + 1, g,
+                                                   add_upsample=i < len(rch) - 1))
+        self.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig, with_encoder: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        lc = cfg.latent_channels
+        self.encoder = Encoder(cfg) if with_encoder else None
+        self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv and with_encoder else None
+        self.decoder = Decoder(cfg)
+        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image in [-1, 1] -> (mean, logvar) of the latent distribution (unscaled)."""
+        if self.encoder is None:
+            raise RuntimeError("this AutoencoderKL was built without its encoder")
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent -> image in about [-1, 1]."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
