@@ -1,0 +1,72 @@
+"""A diffusers Stable Diffusion model folder: model_index.json and one subfolder per component."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelFolderError
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CONFIG_FILE = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+    "tokenizer": "vocab.json",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    root: Path
+    index: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelFolder":
+        root = Path(path)
+        if not root.exists():
+            raise ModelFolderError(f"{root}: no such model folder")
+        if root.is_file():
+            raise ModelFolderError(
+                f"{root}: is a file; single-file checkpoints are not supported yet, give a diffusers "
+                "model folder (with model_index.json)")
+        index_path = root / "model_index.json"
+        if not index_path.is_file():
+            raise ModelFolderError(f"{root}: not a diffusers model folder (no model_index.json)")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFolderError(f"{index_path}: not valid JSON ({exc})") from None
+        if not isinstance(index, dict):
+            raise ModelFolderError(f"{index_path}: expected a JSON object")
+        folder = cls(root, index)
+        for part in REQUIRED:
+            cfg = folder.component(part) / CONFIG_FILE[part]
+            if not cfg.is_file():
+                raise ModelFolderError(f"{root}: missing {part}/{CONFIG_FILE[part]}")
+        return folder
+
+    def component(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_dir()
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    def weight_files(self, name: str) -> list[Path]:
+        d = self.component(name)
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+    def bytes_on_disk(self, name: str) -> int:
+        d = self.component(name)
+        if not d.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
