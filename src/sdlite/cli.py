@@ -1,0 +1,240 @@
+"""The `sdlite` command: generate, info, random-model.
+
+Errors are one line on stderr and exit code 2 (bad arguments, bad model folders, bad weights);
+no output file is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import SdliteError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise CliError(message)
+
+
+def shipped_model() -> Path | None:
+    """The model this package ships (trained in this repo), if it is installed."""
+    here = Path(__file__).parent / "assets" / "sdlite-shapes"
+    return here if (here / "model_index.json").is_file() else None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+
+    p = Parser(prog="sdlite", description="Stable Diffusion text-to-image on small CPU-only machines.")
+    p.add_argument("--version", action="version", version=f"sdlite {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate an image from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
+    g.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png)")
+    g.add_argument("--steps", type=positive_int, default=20)
+    g.add_argument("--cfg-scale", type=finite_float, default=7.5)
+    g.add_argument("--seed", type=non_negative_int, default=None, help="default: random")
+    g.add_argument("-W", "--width", type=positive_int, default=None, help="default: the model's size")
+    g.add_argument("-H", "--height", type=positive_int, default=None, help="default: the model's size")
+    g.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--clip-skip", type=non_negative_int, default=0)
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="print per-stage timings")
+
+    i = sub.add_parser("info", help="components, parameter counts and sizes of a model folder")
+    i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
+
+    r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)")
+    r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15")
+    r.add_argument("output")
+    r.add_argument("--seed", type=non_negative_int, default=0)
+    r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    return p
+
+
+class ProgressBar:
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
+        self.tty = stream.isatty()
+
+    def __call__(self, step: int, total: int) -> None:
+        done = int(self.width * step / total)
+        elapsed = time.perf_counter() - self.t0
+        rate = elapsed / step
+        line = (f"\r[{'#' * done}{'.' * (self.width - done)}] {step}/{total} steps "
+                f"{elapsed:.1f}s ({rate:.2f} s/step)")
+        if self.tty:
+            self.stream.write(line)
+            if step == total:
+                self.stream.write("\n")
+        elif step == total or step == 1:
+            self.stream.write(line.lstrip("\r") + "\n")
+        self.stream.flush()
+
+
+def resolve_model(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    model = shipped_model()
+    if model is None:
+        raise CliError("no model given (-m) and no shipped model installed; "
+                       "make one with `sdlite random-model tiny ./tiny` and pass -m ./tiny")
+    return model
+
+
+def check_output_path(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise CliError(f"{path}: output must be a .png file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise CliError(f"{path}: is a directory")
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import GenerationRequest, Pipeline
+
+    model = resolve_model(args.model)
+    output = Path(args.output)
+    check_output_path(output)
+    # validate the request before spending time on loading
+    req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
+                            args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(model, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    if args.width is None or args.height is None:
+        native = pipe.unet.module.config.sample_size * pipe.vae_scale_factor
+        req.width = args.width or native
+        req.height = args.height or native
+        req.validate()
+    progress = None if args.quiet else ProgressBar()
+    result = pipe.run(req, progress=progress)
+    result.save(output)
+    if args.verbose:
+        print(f"{'load':<16}{load_s:8.3f} s", file=sys.stderr)
+        for t in result.timings:
+            print(f"{t.name:<16}{t.seconds:8.3f} s", file=sys.stderr)
+    print(f"{output} (seed {req.seed}, {req.width}x{req.height}, {req.steps} steps, {req.sampler})")
+    return 0
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_info(args) -> int:
+    import math
+
+    from .weights.model_folder import ModelFolder
+    from .weights.state_dict import load_component_weights
+
+    folder = ModelFolder.open(resolve_model(args.model))
+    print(f"model: {folder.root}")
+    total_params = total_bytes = 0
+    for name in ("text_encoder", "unet", "vae"):
+        with load_component_weights(folder.component(name)) as w:
+            params = sum(math.prod(w.shape_of(k)) for k in w.keys())
+            dtypes = sorted({str(w.dtype_of(k)).replace("torch.", "") for k in w.keys()})
+        size = folder.bytes_on_disk(name)
+        total_params += params
+        total_bytes += size
+        print(f"  {name:<13} {params / 1e6:9.2f} M params  {human_bytes(size):>10} on disk  "
+              f"{'/'.join(dtypes)}")
+    for name in ("tokenizer", "scheduler"):
+        print(f"  {name:<13} {'':>20}{human_bytes(folder.bytes_on_disk(name)):>10} on disk")
+    print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {human_bytes(total_bytes):>10}")
+    from .runtime.components import unet_config, vae_config
+    ucfg, vcfg = unet_config(folder), vae_config(folder)
+    f = 2 ** (len(vcfg.block_out_channels) - 1)
+    print(f"  native size: {ucfg.sample_size * f}x{ucfg.sample_size * f}, "
+          f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}")
+    return 0
+
+
+def cmd_random_model(args) -> int:
+    import torch
+
+    from .model_configs import ARCHITECTURES
+    from .random_model import write_random_model
+
+    if args.arch not in ARCHITECTURES:
+        raise CliError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if Path(args.output).exists():
+        raise CliError(f"{args.output}: already exists")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    write_random_model(args.arch, args.output, seed=args.seed, dtype=dtype)
+    print(args.output)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "random-model": cmd_random_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (CliError, SdliteError) as exc:
+        print(f"sdlite: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdlite: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
