@@ -1,0 +1,34 @@
+"""LCM: latent consistency model multistep sampling (Luo et al. 2023, Algorithm 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import predicted_x0_and_eps
+
+
+def sample_lcm(model, x, timesteps, alphas_cumprod, prediction_type="epsilon", timestep_scaling=10.0,
+               clip_sample=None, generator=None, callback=None):
+    """Each step maps x_t straight to a clean estimate with the consistency function
+    f(x, t) = c_skip(t) x + c_out(t) x0(x, t), then (except at the end) re-noises it to the next timestep
+    with a fresh normal draw from `generator`."""
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        a = alphas_cumprod[t.long()]
+        x0, _ = predicted_x0_and_eps(model(x, t), x, a.sqrt(), (1 - a).sqrt(), prediction_type)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+        c_skip, c_out = _boundary_scalings(t, timestep_scaling)
+        x = c_out * x0 + c_skip * x
+        if i < n - 1:
+            a_next = alphas_cumprod[timesteps[i + 1].long()]
+            x = a_next.sqrt() * x + (1 - a_next).sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        if callback is not None:
+            callback(i, n, x)
+    return x
+
+
+def _boundary_scalings(t, timestep_scaling, sigma_data=0.5):
+    """c_skip(0) = 1, c_out(0) = 0, so that f is the identity at t = 0 (consistency models, eq. 7)."""
+    s = t * timestep_scaling
+    return sigma_data**2 / (s**2 + sigma_data**2), s / (s**2 + sigma_data**2) ** 0.5

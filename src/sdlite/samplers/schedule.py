@@ -1,0 +1,306 @@
+"""Noise schedules, read from a diffusers ``scheduler_config.json``.
+
+Stable Diffusion is trained on a discrete DDPM schedule: betas b_0..b_{T-1} (T = ``num_train_timesteps``) and
+their cumulative products abar_t = prod_{s<=t} (1 - b_s). A latent noised to timestep t is
+
+    x_t = alpha_t x_0 + sigma_t eps,   alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)     ("VP" form)
+
+and divided by alpha_t it is x_0 + s_t eps with s_t = sqrt((1 - abar_t) / abar_t)            ("VE" form,
+k-diffusion's sigmas). A sampler visits a few of the T timesteps; which ones is the *spacing*.
+
+The arithmetic follows diffusers step by step (float32 torch for the training schedule, float64 numpy for
+spacing and interpolation, float32 for the result), so our samplers see the same numbers diffusers' schedulers
+see. Quirks are kept on purpose and marked "as diffusers".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from sdlite.errors import ModelFolderError
+
+_COMMON = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+)
+
+# The __init__ defaults of the diffusers class each sampler stands for: `XScheduler.from_config(config)` gives
+# every key missing from `config` these values (they differ between classes, e.g. timestep_spacing).
+DEFAULTS: dict[str, dict] = {
+    "DDIMScheduler": {
+        **_COMMON,
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "thresholding": False,
+        "timestep_spacing": "leading",
+    },
+    "DPMSolverMultistepScheduler": {
+        **_COMMON,
+        "solver_order": 2,
+        "thresholding": False,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -math.inf,
+        "variance_type": None,
+        "timestep_spacing": "linspace",
+        "use_dynamic_shifting": False,
+    },
+    "EulerDiscreteScheduler": {
+        **_COMMON,
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_spacing": "linspace",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    },
+    "EulerAncestralDiscreteScheduler": {**_COMMON, "timestep_spacing": "linspace"},
+    "LCMScheduler": {
+        **_COMMON,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "thresholding": False,
+        "timestep_spacing": "leading",  # not used by LCM's set_timesteps
+        "timestep_scaling": 10.0,
+    },
+}
+
+# Values we do not implement; a config asking for one is refused rather than silently sampled differently.
+_SUPPORTED = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "timestep_spacing": ("linspace", "leading", "trailing"),
+    "thresholding": (False,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_order": (2,),
+    "solver_type": ("midpoint",),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,),
+    "variance_type": (None,),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "interpolation_type": ("linear",),
+    "timestep_type": ("discrete",),
+}
+
+
+def resolve_config(class_name: str, config: dict, **forced) -> dict:
+    """The config diffusers' `class_name.from_config(config, **forced)` would run with (the keys we use).
+
+    Keys listed in `_use_default_values` (diffusers writes that list into a loaded scheduler's config) are
+    dropped first, as `from_config` does, so they too take `class_name`'s defaults.
+    """
+    defaults = DEFAULTS[class_name]
+    from_defaults = set(config.get("_use_default_values", ()))
+    cfg = dict(defaults)
+    cfg.update({k: v for k, v in config.items() if k in defaults and k not in from_defaults})
+    cfg.update(forced)
+    for key, allowed in _SUPPORTED.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ModelFolderError(
+                f"scheduler config: {key}={cfg[key]!r} is not supported by sdlite's samplers"
+                f" (supported: {', '.join(map(repr, allowed))})"
+            )
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training schedule
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021): abar(t) = cos^2((t + 0.008) / 1.008 * pi / 2), discretized into betas."""
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), max_beta) for i in range(n)], dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1: shift and scale sqrt(abar) so that abar_{T-1} = 0."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(cfg: dict, terminal_floor: bool = False) -> torch.Tensor:
+    """abar_t for t = 0..T-1, float32.
+
+    `terminal_floor`: the sigma-based schedulers (Euler, DPM-Solver) replace a zero-SNR abar_{T-1} = 0 by
+    2**-24 so that sigma stays finite; DDIM and LCM keep the zero.
+    """
+    n = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    elif cfg["beta_schedule"] == "linear":
+        betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=torch.float32)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
+    else:
+        betas = _cosine_betas(n)
+    if cfg["rescale_betas_zero_snr"]:
+        betas = _rescale_zero_terminal_snr(betas)
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    if cfg["rescale_betas_zero_snr"] and terminal_floor:
+        abar[-1] = 2**-24
+    return abar
+
+
+def sigmas_of(abar: torch.Tensor) -> np.ndarray:
+    """VE sigmas s_t = sqrt((1 - abar_t) / abar_t) at every training timestep (float32, ascending in t)."""
+    return (((1 - abar) / abar) ** 0.5).numpy()
+
+
+def predicted_x0_and_eps(output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction_type: str):
+    """Split the network output for x = alpha x0 + sigma eps into (x0, eps).
+
+    epsilon-prediction returns eps itself; v-prediction (Salimans & Ho 2022) returns v = alpha eps - sigma x0.
+    """
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    return alpha * x - sigma * output, alpha * output + sigma * x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spacing: which training timesteps a run of `steps` visits (Lin et al. 2023, table 2)
+
+
+def spaced_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    """Descending float64 timesteps, unrounded for "linspace" (DDIM rounds them, Euler does not).
+
+    As diffusers, "trailing" steps a float range down from T, which for some step counts (61, 103, ...) yields
+    one extra timestep, -1.
+    """
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, steps) * (num_train // steps)).round()[::-1] + steps_offset
+    return np.arange(num_train, 0, -num_train / steps).round() - 1
+
+
+def ddim_schedule(cfg: dict, steps: int):
+    """DDIM's timesteps and, for each, abar at that step and at the step it jumps to.
+
+    As diffusers, the jump is always T // steps, whatever the spacing; below t = 0 it lands on abar = 1
+    (`set_alpha_to_one`) or abar_0.
+    """
+    n_train = cfg["num_train_timesteps"]
+    timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, n_train, cfg["steps_offset"])
+    timesteps = torch.from_numpy(timesteps.round().astype(np.int64))
+    abar = alphas_cumprod(cfg)
+    final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else abar[0]
+    prev = timesteps - n_train // steps
+    alphas = [abar[t] for t in timesteps]
+    alphas_next = [abar[p] if p >= 0 else final for p in prev]
+    return timesteps.to(torch.float32), alphas, alphas_next
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022), eq. 5: `steps` sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def euler_schedule(cfg: dict, steps: int):
+    """Timesteps and VE sigmas (with a final 0 or sigma_min) for Euler and Euler ancestral, float32 tensors."""
+    timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
+    timesteps = timesteps.astype(np.float32)
+    abar = alphas_cumprod(cfg, terminal_floor=True)
+    train_sigmas = sigmas_of(abar)
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    if cfg.get("use_karras_sigmas"):
+        lo = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
+        hi = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
+        sigmas = karras_sigmas(lo, hi, steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
+    last = train_sigmas[0] if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
+
+
+def euler_init_sigma(cfg: dict, sigmas: torch.Tensor) -> torch.Tensor:
+    """The std of the initial latent: sigma_max, or as diffusers sqrt(sigma_max^2 + 1) for "leading" spacing."""
+    if cfg["timestep_spacing"] in ("linspace", "trailing"):
+        return sigmas.max()
+    return (sigmas.max() ** 2 + 1) ** 0.5
+
+
+def dpm_solver_schedule(cfg: dict, steps: int, karras: bool):
+    """Integer timesteps and VE sigmas (with a final 0 or sigma_min) for DPM-Solver++, float32 tensors.
+
+    Unlike DDIM and Euler, diffusers spaces steps + 1 points and drops the last, and counts only timesteps
+    whose log-SNR is above `lambda_min_clipped`.
+    """
+    n_train = cfg["num_train_timesteps"]
+    abar = alphas_cumprod(cfg, terminal_floor=True)
+    log_snr = torch.log(torch.sqrt(abar)) - torch.log(torch.sqrt(1 - abar))
+    last = n_train - torch.searchsorted(torch.flip(log_snr, [0]), cfg["lambda_min_clipped"]).item()
+    spacing = cfg["timestep_spacing"]
+    if spacing == "linspace":
+        timesteps = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + cfg["steps_offset"]
+    else:
+        timesteps = np.arange(last, 0, -n_train / steps).round() - 1
+    timesteps = timesteps.astype(np.int64)
+    train_sigmas = sigmas_of(abar)
+    if karras:
+        sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        if cfg["beta_schedule"] != "squaredcos_cap_v2":
+            timesteps = timesteps.round()
+    else:
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    final = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
+    return torch.from_numpy(timesteps.astype(np.int64)).to(torch.float32), torch.from_numpy(sigmas)
+
+
+def lcm_timesteps(cfg: dict, steps: int) -> torch.Tensor:
+    """LCM (Luo et al. 2023): `steps` of the `original_inference_steps` skipping-step timesteps it was distilled on."""
+    original = cfg["original_inference_steps"]
+    k = cfg["num_train_timesteps"] // original
+    origin = (np.arange(1, original + 1) * k - 1)[::-1]
+    picks = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(origin[picks].astype(np.int64)).to(torch.float32)

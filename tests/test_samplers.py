@@ -1,0 +1,237 @@
+"""Samplers against diffusers' schedulers, driven the way StableDiffusionPipeline drives them."""
+
+import inspect
+
+import pytest
+import torch
+
+from sdlite.errors import InvalidRequest, ModelFolderError
+from sdlite.samplers import SAMPLERS, sample, timesteps_for
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-4  # max abs error relative to the reference's max abs value, fp32
+
+SD15 = {  # the scheduler_config.json of an SD 1.5 diffusers folder
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+SHAPE = (1, 4, 16, 16)
+
+
+def reference_scheduler(name: str, config: dict):
+    kw = {}
+    if name == "ddim":
+        cls = diffusers.DDIMScheduler
+    elif name.startswith("dpm++2m"):
+        cls = diffusers.DPMSolverMultistepScheduler
+        kw = {"use_karras_sigmas": name == "dpm++2m_karras"}
+    elif name == "euler":
+        cls = diffusers.EulerDiscreteScheduler
+    elif name == "euler_a":
+        cls = diffusers.EulerAncestralDiscreteScheduler
+    else:
+        cls = diffusers.LCMScheduler
+    return cls.from_config(config, **kw)
+
+
+def fake_unet(seen: list):
+    """A fixed nonlinear function of (x, t) standing in for the UNet; records the timesteps it is called with."""
+
+    def model(x, t):
+        seen.append(float(t))
+        t = t.to(torch.float32)
+        return 0.5 * x * torch.cos(t / 300) + 0.1 * torch.tanh(x) + 0.05 * torch.sin(3 * x + t / 100)
+
+    return model
+
+
+def run_diffusers(name, config, steps, seed, eta=0.0):
+    """StableDiffusionPipeline's denoising loop (batch 1, guidance folded into the model)."""
+    scheduler = reference_scheduler(name, config)
+    generator = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma  # prepare_latents
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+    seen = []
+    model = fake_unet(seen)
+    for t in scheduler.timesteps:
+        latent_in = scheduler.scale_model_input(latents, t)
+        noise_pred = model(latent_in, t)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+    return latents, seen, generator
+
+
+def run_ours(name, config, steps, seed, **options):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(SHAPE, generator=generator)
+    seen = []
+    out = sample(name, fake_unet(seen), noise, steps, config, generator=generator, **options)
+    return out, seen, generator
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_parity(name, config, steps, seed=0, eta=None):
+    options = {} if eta is None else {"eta": eta}
+    ref, ref_seen, ref_gen = run_diffusers(name, config, steps, seed, eta=eta or 0.0)
+    out, seen, gen = run_ours(name, config, steps, seed, **options)
+    assert seen == ref_seen
+    assert timesteps_for(name, steps, config).tolist() == ref_seen
+    assert torch.isfinite(ref).all()
+    err = rel_err(out, ref)
+    assert err <= TOL, f"{name} {steps} steps: rel err {err:.2e}"
+    # both consumed the generator alike: the next draw agrees
+    assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=ref_gen))
+    return err
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sd15_config(name, steps):
+    assert_parity(name, SD15, steps)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_timestep_spacing(name, spacing):
+    assert_parity(name, {**SD15, "timestep_spacing": spacing}, 7)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_v_prediction(name):
+    assert_parity(name, {**SD15, "prediction_type": "v_prediction"}, 5, seed=1)
+
+
+@pytest.mark.parametrize("config", [{}, {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_missing_keys_take_the_class_defaults(name, config):
+    # e.g. DDIM then clips x0 and ends on abar = 1; Euler spaces linspace; LCM has its own betas
+    assert_parity(name, config, 6, seed=2)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_loaded_scheduler_config(name):
+    """`XScheduler.from_config(pipe.scheduler.config)`: keys PNDM filled with its defaults are not inherited."""
+    loaded = dict(diffusers.PNDMScheduler.from_config(SD15).config)
+    assert loaded["timestep_spacing"] == "leading" and "timestep_spacing" in loaded["_use_default_values"]
+    assert_parity(name, loaded, 4)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m", "euler_a"])
+def test_trailing_extra_timestep_quirk(name):
+    """Trailing spacing with 61 steps gives diffusers 62 timesteps, the last -1; we follow."""
+    assert_parity(name, {**SD15, "timestep_spacing": "trailing"}, 61)
+
+
+@pytest.mark.parametrize(
+    "name,extra,steps",
+    [
+        ("euler", {"use_karras_sigmas": True}, 8),
+        ("dpm++2m", {"final_sigmas_type": "sigma_min"}, 16),  # second-order last step
+        ("dpm++2m", {"final_sigmas_type": "sigma_min"}, 6),  # lower_order_final: first-order last step
+        ("dpm++2m", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 5),
+        ("dpm++2m", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}, 16),
+        ("dpm++2m", {"timestep_spacing": "leading"}, 20),
+        ("ddim", {"set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 0.5}, 5),
+        ("ddim", {"beta_schedule": "squaredcos_cap_v2"}, 5),
+        ("lcm", {"original_inference_steps": 20}, 3),
+    ],
+)
+def test_config_variants(name, extra, steps):
+    assert_parity(name, {**SD15, **extra}, steps, seed=3)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "euler", "euler_a"])
+def test_zero_terminal_snr(name):
+    assert_parity(name, {**SD15, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+                         "rescale_betas_zero_snr": True}, 6, seed=4)
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_eta(eta):
+    assert_parity("ddim", SD15, 8, seed=5, eta=eta)
+
+
+def test_lcm_timesteps():
+    assert timesteps_for("lcm", 4, SD15).tolist() == [999.0, 759.0, 499.0, 259.0]
+
+
+def test_fractional_euler_timesteps():
+    ts = timesteps_for("euler", 4, SD15)  # linspace, not rounded
+    assert ts.dtype == torch.float32 and ts[1].item() == pytest.approx(666.0) and ts[2].item() == pytest.approx(333.0)
+
+
+def test_unknown_sampler():
+    with pytest.raises(InvalidRequest) as e:
+        sample("heun", fake_unet([]), torch.zeros(SHAPE), 4, SD15)
+    assert e.value.field == "sampler" and "dpm++2m_karras" in str(e.value)
+    with pytest.raises(InvalidRequest):
+        timesteps_for("DDIM", 4, SD15)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, "4", True, 1001])
+def test_bad_steps(steps):
+    with pytest.raises(InvalidRequest) as e:
+        sample("euler", fake_unet([]), torch.zeros(SHAPE), steps, SD15)
+    assert e.value.field == "steps"
+
+
+def test_lcm_steps_above_original_steps():
+    with pytest.raises(InvalidRequest) as e:
+        sample("lcm", fake_unet([]), torch.zeros(SHAPE), 51, SD15)
+    assert e.value.field == "steps"
+
+
+def test_bad_options():
+    noise = torch.zeros(SHAPE)
+    with pytest.raises(InvalidRequest) as e:
+        sample("euler", fake_unet([]), noise, 4, SD15, eta=0.5)
+    assert e.value.field == "eta"
+    with pytest.raises(InvalidRequest) as e:
+        sample("ddim", fake_unet([]), noise, 4, SD15, eta=-1)
+    assert e.value.field == "eta"
+    with pytest.raises(InvalidRequest) as e:
+        sample("ddim", fake_unet([]), noise, 4, SD15, s_churn=1.0)
+    assert e.value.field == "s_churn"
+    sample("euler", fake_unet([]), noise, 2, SD15, eta=0.0)  # the pipeline's default eta is harmless
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ModelFolderError, match="thresholding"):
+        sample("ddim", fake_unet([]), torch.zeros(SHAPE), 4, {**SD15, "thresholding": True})
+    with pytest.raises(ModelFolderError, match="prediction_type"):
+        sample("euler", fake_unet([]), torch.zeros(SHAPE), 4, {**SD15, "prediction_type": "sample"})
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_callback_sees_every_step_and_can_cancel(name):
+    calls = []
+    out = sample(name, fake_unet([]), torch.randn(SHAPE), 5, SD15, generator=torch.Generator().manual_seed(0),
+                 callback=lambda i, n, x: calls.append((i, n, x.clone())))
+    assert [(i, n) for i, n, _ in calls] == [(i, 5) for i in range(5)]
+    assert torch.equal(calls[-1][2], out)
+
+    class Stop(Exception):
+        pass
+
+    def cancel(i, n, x):
+        if i == 1:
+            raise Stop
+
+    seen = []
+    with pytest.raises(Stop):
+        sample(name, fake_unet(seen), torch.randn(SHAPE), 5, SD15, callback=cancel)
+    assert len(seen) == 2
