@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:
+#   make demo   set up .venv and generate an image with the model sdlite ships (offline, seconds)
+#   make test   set up .venv with the test extras and run the test suite
+# torch is pinned to 2.13.0 (CPU build) everywhere; constraints.txt pins every other package.
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+PROMPT ?= a red circle on a blue background
+PIP_INSTALL = $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test venv venv-test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+demo: venv
+	$(VENV)/bin/sdlite generate "$(PROMPT)" -o demo.png --seed 1 -v
+
+test: venv-test
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) demo.png
