@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="components, parameter counts and sizes of a model folder")
     i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
 
+    c = sub.add_parser("convert", help="write a copy of a model folder with fp16 or int8 weights")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--weights", choices=("fp32", "fp16", "int8"), required=True)
+
     r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)")
     r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15")
     r.add_argument("output")
@@ -205,6 +210,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .runtime.convert import convert_model
+
+    if Path(args.dst).exists():
+        raise CliError(f"{args.dst}: already exists")
+    t0 = time.perf_counter()
+    report = convert_model(args.src, args.dst, args.weights)
+    for part, counts in report.items():
+        done = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        print(f"  {part:<13} {done}")
+    print(f"{args.dst} ({args.weights}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_random_model(args) -> int:
     import torch
 
@@ -221,7 +240,8 @@ def cmd_random_model(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "random-model": cmd_random_model}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
+            "random-model": cmd_random_model}
 
 
 def main(argv: list[str] | None = None) -> int:

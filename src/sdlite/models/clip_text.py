@@ -101,8 +101,8 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[-1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:n][None]
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
 
 
 class CLIPTextTransformer(nn.Module):

@@ -6,8 +6,9 @@ mapped safetensors file: zero-copy when the file's dtype is the compute dtype, c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..weights.model_folder import ModelFolder
 from ..weights.state_dict import ComponentWeights, load_component_weights, load_into
+from .lazy_weights import SCALE_SUFFIX, dequantize, prepare_stored_weight, swap_layers
+
+WEIGHT_MODES = ("lazy", "materialize")
 
 
 @dataclass
@@ -26,6 +30,7 @@ class LoadedComponent:
     module: nn.Module
     weights: ComponentWeights  # keeps the mapping alive while the module reads from it
     num_parameters: int
+    weights_mode: str = "lazy"
 
     def close(self) -> None:
         self.module = None
@@ -49,16 +54,59 @@ def _build(factory: Callable[[], nn.Module]) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
+class DequantizedView(Mapping):
+    """The checkpoint as fp32: int8 weights multiplied by their scales, scale keys hidden."""
+
+    def __init__(self, weights: ComponentWeights):
+        self.weights = weights
+        self._keys = [k for k in weights.keys()
+                      if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in weights)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.weights[key]
+        scale_key = key + SCALE_SUFFIX
+        if not t.is_floating_point() and scale_key in self.weights:
+            return dequantize(t, self.weights[scale_key].float())
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def _load(folder: ModelFolder, name: str, module: nn.Module, dtype: torch.dtype,
-          key_map=None) -> LoadedComponent:
+          key_map=None, weights_mode: str = "lazy") -> LoadedComponent:
+    """`lazy`: Linear/Conv2d/Embedding weights stay in the file in their stored dtype (fp16, int8)
+    and are dequantized per layer at use; `materialize`: everything becomes `dtype` at load."""
+    if weights_mode not in WEIGHT_MODES:
+        raise ValueError(f"weights_mode must be one of {WEIGHT_MODES}, got {weights_mode!r}")
     weights = load_component_weights(folder.component(name))
+    source = str(folder.component(name))
     try:
-        load_into(module, weights, source=str(folder.component(name)), dtype=dtype, key_map=key_map)
+        if weights_mode == "lazy" and dtype == torch.float32:
+            file_key = {}
+            for k in weights.keys():
+                mapped = key_map(k) if key_map else k
+                if mapped is not None:
+                    file_key[mapped] = k
+            for lname, layer in swap_layers(module).items():
+                k = file_key.get(f"{lname}.weight")
+                if k is None:
+                    continue  # load_into reports it as missing
+                stored = weights.dtype_of(k)
+                if stored != torch.float32:
+                    prepare_stored_weight(layer, stored, quantized=k + SCALE_SUFFIX in weights)
+            load_into(module, weights, source=source, dtype=None, key_map=key_map)
+        else:
+            weights_mode = "materialize"
+            load_into(module, DequantizedView(weights), source=source, dtype=dtype, key_map=key_map)
     except Exception:
         weights.close()
         raise
     n = sum(p.numel() for p in module.parameters())
-    return LoadedComponent(name, module, weights, n)
+    return LoadedComponent(name, module, weights, n, weights_mode)
 
 
 def unet_config(folder: ModelFolder) -> UNetConfig:
@@ -73,18 +121,26 @@ def text_config(folder: ModelFolder) -> CLIPTextConfig:
     return load_config(CLIPTextConfig, folder.component("text_encoder") / "config.json")
 
 
-def load_unet(folder: ModelFolder, dtype: torch.dtype = torch.float32) -> LoadedComponent:
+def load_unet(folder: ModelFolder, dtype: torch.dtype = torch.float32,
+              weights_mode: str = "lazy") -> LoadedComponent:
     cfg = unet_config(folder)
-    return _load(folder, "unet", _build(lambda: UNet2DConditionModel(cfg)), dtype)
+    return _load(folder, "unet", _build(lambda: UNet2DConditionModel(cfg)), dtype,
+                 weights_mode=weights_mode)
 
 
-def load_vae(folder: ModelFolder, dtype: torch.dtype = torch.float32,
-             with_encoder: bool = False) -> LoadedComponent:
+def load_vae(folder: ModelFolder, dtype: torch.dtype = torch.float32, with_encoder: bool = False,
+             weights_mode: str = "lazy") -> LoadedComponent:
     cfg = vae_config(folder)
     module = _build(lambda: AutoencoderKL(cfg, with_encoder=with_encoder))
-    return _load(folder, "vae", module, dtype, None if with_encoder else decoder_only_key)
+    return _load(folder, "vae", module, dtype, None if with_encoder else decoder_only_key,
+                 weights_mode=weights_mode)
 
 
-def load_text_encoder(folder: ModelFolder, dtype: torch.dtype = torch.float32) -> LoadedComponent:
+def load_text_encoder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
+                      weights_mode: str = "lazy") -> LoadedComponent:
     cfg = text_config(folder)
-    return _load(folder, "text_encoder", _build(lambda: CLIPTextModel(cfg)), dtype, text_encoder_key)
+    return _load(folder, "text_encoder", _build(lambda: CLIPTextModel(cfg)), dtype, text_encoder_key,
+                 weights_mode=weights_mode)
+
+
+LOADERS = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}

@@ -1,0 +1,130 @@
+"""Layers whose weights stay in the mapped file in their stored dtype (fp16 or int8) and are
+dequantized to fp32 just before use, into a reused per-thread workspace.
+
+The model code never sees these: `swap_layers(module)` replaces a built model's nn.Linear, nn.Conv2d
+and nn.Embedding instances in place (same parameter names), before the weights are put in.
+
+int8 storage is symmetric, one scale per output channel: w ~= q * scale[:, None, ...], q in [-127, 127].
+A quantized weight `x.weight` comes with `x.weight_scale` (fp32, shape [out]).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALE_SUFFIX = "_scale"
+QUANTIZED_DTYPES = (torch.int8,)
+
+
+class Workspace(threading.local):
+    """A flat fp32 buffer per thread, grown to the largest layer seen; dequantized weights live here
+    only for the duration of one layer's forward."""
+
+    def __init__(self):
+        self.buffer = torch.empty(0, dtype=torch.float32)
+
+    def take(self, shape: torch.Size) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        if self.buffer.numel() < n:
+            self.buffer = torch.empty(n, dtype=torch.float32)
+        return self.buffer[:n].view(shape)
+
+    def release(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.float32)
+
+
+WORKSPACE = Workspace()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q int8, scale fp32 [out])."""
+    w = weight.float().reshape(weight.shape[0], -1)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(weight.shape), scale
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """fp32 copy of a stored weight (fp16/bf16/int8) in `out` (or a new tensor)."""
+    if out is None:
+        out = torch.empty(weight.shape, dtype=torch.float32)
+    out.copy_(weight)
+    if scale is not None:
+        out.mul_(scale.view(-1, *([1] * (weight.ndim - 1))))
+    return out
+
+
+class _Lazy:
+    """Mixin: `weight` holds the stored tensor (any dtype); buffer `weight_scale` the int8 scales."""
+
+    def _scale(self) -> torch.Tensor | None:
+        return self._buffers.get("weight_scale")
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        w, scale = self.weight, self._scale()
+        if w.dtype == torch.float32 and scale is None:
+            return w
+        return dequantize(w, scale, WORKSPACE.take(w.shape))
+
+
+class LazyLinear(_Lazy, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._dequantized_weight(), self.bias)
+
+
+class LazyConv2d(_Lazy, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self._dequantized_weight(), self.bias)
+
+
+class LazyEmbedding(_Lazy, nn.Embedding):
+    """Looks rows up in the stored table and converts only those rows."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).float()
+        scale = self._scale()
+        if scale is not None:
+            rows = rows * scale[ids][..., None]
+        return rows
+
+
+_SWAPS = {nn.Linear: LazyLinear, nn.Conv2d: LazyConv2d, nn.Embedding: LazyEmbedding}
+
+
+def swap_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Turn every Linear/Conv2d/Embedding of `module` into its lazy twin (same attributes and
+    parameter names). Returns {module name: layer}."""
+    swapped = {}
+    for name, sub in module.named_modules():
+        cls = _SWAPS.get(type(sub))
+        if cls is not None:
+            sub.__class__ = cls
+            swapped[name] = sub
+    return swapped
+
+
+def prepare_stored_weight(layer: nn.Module, dtype: torch.dtype, quantized: bool) -> None:
+    """Make a (meta) layer's weight slot take the stored dtype, and add the scale slot if int8."""
+    shape = layer.weight.shape
+    layer.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+    if quantized:
+        layer.register_buffer("weight_scale", torch.empty(shape[0], device="meta"))
+
+
+def quantizable_weights(module: nn.Module) -> set[str]:
+    """Parameter names of the weights that int8/fp16 storage applies to: Linear, Conv2d, Embedding."""
+    return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
+            if type(sub) in _SWAPS or type(sub) in _SWAPS.values()}
+
+
+def quantized_keys(keys, dtype_of) -> set[str]:
+    """Names of module weights stored as int8 with a scale, from a checkpoint's keys."""
+    keys = set(keys)
+    return {k for k in keys if dtype_of(k) in QUANTIZED_DTYPES and k + SCALE_SUFFIX in keys}
