@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output")
     r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+
+    add_serve_parsers(sub)
     return p
 
 
@@ -240,8 +242,123 @@ def cmd_random_model(args) -> int:
     return 0
 
 
+
+# --- serve and loadtest (issue 5); their work lives in sdlite.serve and sdlite.loadtest -------------
+
+def port_or_off(text: str) -> int | None:
+    if text.lower() in ("off", "none"):
+        return None
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 = ephemeral) or 'off', got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_serve_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service")
+    s.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
+    s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
+    s.add_argument("--port-file", help='write {"grpc": PORT, "http": PORT, "pid": PID} here when ready')
+    s.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    s.add_argument("--max-concurrency", type=positive_int, default=None,
+                   help="generations at once (default: from the memory plan; 1 until the planner lands)")
+    s.add_argument("--queue-size", type=non_negative_int, default=4,
+                   help="admitted requests that may wait for a slot; more get RESOURCE_EXHAUSTED / 429")
+    s.add_argument("--max-width", type=positive_int, default=1024)
+    s.add_argument("--max-height", type=positive_int, default=1024)
+    s.add_argument("--max-steps", type=positive_int, default=150)
+    s.add_argument("--max-images", type=positive_int, default=4, help="cap on OpenAI n / A1111 batch")
+    s.add_argument("--default-deadline", type=positive_float, default=300.0,
+                   help="seconds a request may take when the client sets no deadline")
+    s.add_argument("--max-deadline", type=positive_float, default=3600.0)
+    s.add_argument("--breaker-failures", type=non_negative_int, default=5,
+                   help="consecutive failures/timeouts that open the circuit (0: never)")
+    s.add_argument("--breaker-cooldown", type=positive_float, default=30.0,
+                   help="seconds the circuit stays open before a trial request")
+    s.add_argument("--grace", type=finite_float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds for in-flight work to finish before it is cancelled")
+    s.add_argument("--oom-score-adj", type=int, default=None, help="-1000..1000, for this process")
+    s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation")
+    s.add_argument("-v", "--verbose", action="store_true", help="log every HTTP request")
+
+    lt = sub.add_parser("loadtest", help="drive a local sdlite serve with concurrent clients")
+    lt.add_argument("target", help="grpc://127.0.0.1:PORT or http://127.0.0.1:PORT (loopback only)")
+    lt.add_argument("--api", choices=("a1111", "openai"), default=None, help="HTTP API (default: a1111)")
+    lt.add_argument("-c", "--clients", type=positive_int, default=1)
+    lt.add_argument("-n", "--requests", type=positive_int, default=None,
+                    help="requests in all (default 20 when -t is not given)")
+    lt.add_argument("-t", "--duration", type=positive_float, default=None, help="seconds")
+    lt.add_argument("--prompt", default="a lighthouse at dusk")
+    lt.add_argument("--negative-prompt", default=None)
+    lt.add_argument("--steps", type=positive_int, default=None)
+    lt.add_argument("--cfg-scale", type=finite_float, default=None)
+    lt.add_argument("--seed", type=non_negative_int, default=None)
+    lt.add_argument("-W", "--width", type=positive_int, default=None)
+    lt.add_argument("-H", "--height", type=positive_int, default=None)
+    lt.add_argument("--sampler", default=None)
+    lt.add_argument("--timeout", type=positive_float, default=300.0, help="per-request deadline, seconds")
+    lt.add_argument("--retry-wait", type=finite_float, default=0.1,
+                    help="seconds a client pauses after a shed answer (429/503, RESOURCE_EXHAUSTED)")
+    lt.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    try:
+        from .serve.config import Limits, ServeConfig
+        from .serve.server import serve
+    except ImportError as exc:
+        raise CliError(f"serve needs the serve extra (pip install 'sdlite[serve]'): {exc}") from None
+    if args.grpc_port is None and args.http_port is None:
+        raise CliError("--grpc-port off and --http-port off: nothing to serve")
+    if args.grace < 0:
+        raise CliError(f"--grace must be >= 0, got {args.grace}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sdlite serve: %(levelname)s %(message)s")
+    limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
+                    max_images=args.max_images)
+    config = ServeConfig(resolve_model(args.model), host=args.host, grpc_port=args.grpc_port,
+                         http_port=args.http_port,
+                         port_file=Path(args.port_file) if args.port_file else None,
+                         threads=args.threads, max_concurrency=args.max_concurrency,
+                         queue_size=args.queue_size, default_deadline=args.default_deadline,
+                         max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,
+                         breaker_cooldown=args.breaker_cooldown, grace=args.grace,
+                         oom_score_adj=args.oom_score_adj, limits=limits)
+    return serve(config, warmup=not args.no_warmup)
+
+
+def cmd_loadtest(args) -> int:
+    import json
+
+    from .loadtest import LoadtestError, parse_target, run_loadtest
+
+    payload = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+               "cfg_scale": args.cfg_scale, "seed": args.seed, "width": args.width, "height": args.height,
+               "sampler": args.sampler}
+    try:
+        target = parse_target(args.target, args.api)
+        report = run_loadtest(target, clients=args.clients, requests=args.requests,
+                              duration=args.duration, payload=payload, timeout=args.timeout,
+                              retry_wait=args.retry_wait)
+    except LoadtestError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(report.as_dict()) if args.json else report.text())
+    return 0
+
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
             "random-model": cmd_random_model}
+COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest})
 
 
 def main(argv: list[str] | None = None) -> int:

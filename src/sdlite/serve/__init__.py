@@ -1,0 +1,16 @@
+"""`sdlite serve`: the text-to-image service (gRPC with streamed progress, HTTP A1111 + OpenAI images API).
+
+Layout (front ends over one execution core, no math here):
+
+    config.py        ServeConfig: ports, limits, queue, deadlines, breaker, grace period
+    fields.py        request fields -> a validated GenerationRequest under the configured caps
+    execution.py     Executor: bounded admission queue, worker slots, deadlines, cancellation, drain
+    breaker.py       CircuitBreaker: opens after N consecutive failures/timeouts, half-opens after cool-down
+    metrics.py       Prometheus metrics (own registry)
+    grpc_server.py   TextToImage service + standard health service + server reflection
+    http_server.py   /sdapi/v1/txt2img, /v1/images/generations, /healthz, /metrics
+    server.py        load the model once, start both front ends, signals, drain, exit
+    sdlite.proto     the gRPC contract; sdlite_pb2*.py are generated from it by gen_proto.sh
+
+grpcio, protobuf and prometheus-client come with the `serve` extra: `pip install sdlite[serve]`.
+"""

@@ -1,0 +1,350 @@
+"""The execution core every front end shares: admission, slots, deadlines, cancellation, drain.
+
+    submit()  -> admitted (a Job) or refused at once: UNAVAILABLE (draining / circuit open) or
+                 RESOURCE_EXHAUSTED (every slot busy and the waiting room full)
+    worker    -> `slots` threads take jobs in arrival order and run them on the one loaded Pipeline;
+                 deadline and cancellation are checked between sampler steps, so a stopped job stops
+                 within one step and its tensors are freed (then `malloc_trim` hands the heap back)
+    cancel()  -> a waiting job leaves the queue at once; a running one is answered at once and stops at
+                 its next step boundary (its slot stays taken until it has)
+    drain()   -> refuse new work, let admitted work finish within the grace period, cancel the rest
+
+The number of slots is decided by `plan_concurrency`, the one place where the memory planner plugs in.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import dataclasses
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import Cancelled, InvalidRequest
+from ..pipeline import GenerationRequest, GenerationResult, StageTiming
+from .breaker import STATE_VALUES, CircuitBreaker
+
+log = logging.getLogger("sdlite.serve")
+
+OK = "ok"
+INVALID_ARGUMENT = "invalid_argument"
+RESOURCE_EXHAUSTED = "resource_exhausted"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+CANCELLED = "cancelled"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+# what each outcome says about the server's health, for the circuit breaker
+_HEALTH = {OK: True, DEADLINE_EXCEEDED: False, INTERNAL: False}
+
+
+class ServeError(Exception):
+    """A request that ends without an image: `code` is one of the outcome names above."""
+
+    def __init__(self, code: str, message: str, field: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field, self.retry_after = code, message, field, retry_after
+
+
+def plan_concurrency(pipe, max_concurrency: int | None) -> int:
+    """How many generations may run at once.
+
+    This is where the memory planner (`sdlite.runtime`) plugs in: given the loaded pipeline (its weights'
+    resident size) and the memory budget, it should return how many jobs of the largest admitted size fit
+    beside each other (1 on a small budget). Until it exists, the operator's `--max-concurrency` decides,
+    default 1. Note that `Pipeline.run` holds a lock, so with one Pipeline jobs beyond the first wait there
+    for their turn (memory stays that of one job); real parallelism needs the planner's per-job budget.
+    """
+    if max_concurrency is not None:
+        return max(1, int(max_concurrency))
+    return 1
+
+
+@dataclass
+class Event:
+    kind: str                # "queued", "progress", "done"
+    step: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    position: int = 0
+
+
+@dataclass
+class Image:
+    png: bytes
+    result: GenerationResult
+
+
+class Job:
+    def __init__(self, request: GenerationRequest, n: int, deadline: float,
+                 listener: Callable[[Event], None] | None = None):
+        self.request, self.n, self.deadline, self.listener = request, n, deadline, listener
+        self.admitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.position = 0
+        self.images: list[Image] | None = None
+        self.error: ServeError | None = None
+        self.stop_code: str | None = None  # set when the job must stop at its next step boundary
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def outcome(self) -> list[Image]:
+        """The images, or the job's ServeError raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.images is not None
+        return self.images
+
+    def _emit(self, event: Event) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(event)
+            except Exception:  # a front end's listener must never break the worker
+                log.exception("progress listener failed")
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+class Executor:
+    def __init__(self, pipe, *, slots: int, queue_size: int, breaker: CircuitBreaker, metrics,
+                 default_deadline: float, max_deadline: float):
+        self.pipe, self.slots, self.queue_size = pipe, slots, queue_size
+        self.breaker, self.metrics = breaker, metrics
+        self.default_deadline, self.max_deadline = default_deadline, max_deadline
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: set[Job] = set()
+        self._draining = False
+        self._stopping = False
+        self._hurry = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._trim = _malloc_trim()
+        metrics.slots.set(slots)
+        metrics.queue_capacity.set(queue_size)
+        metrics.circuit.set_function(lambda: STATE_VALUES[self.breaker.state])
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def serving(self) -> bool:
+        """What the health checks report: not draining and the circuit not open."""
+        return not self._draining and self.breaker.state != "open"
+
+    def load(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._running), len(self._waiting)
+
+    def _gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.running.set(len(self._running))
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> "Executor":
+        for i in range(self.slots):
+            t = threading.Thread(target=self._worker, name=f"sdlite-slot-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def drain(self, grace: float, stop_wait: float = 60.0) -> bool:
+        """Refuse new work; wait up to `grace` s (or until `hurry()`) for admitted work, then cancel what
+        is left (answered UNAVAILABLE) and wait up to `stop_wait` s for running jobs to reach a step
+        boundary. True when every job ended on its own."""
+        with self._cond:
+            self._draining = True
+            self.metrics.draining.set(1)
+        end = time.monotonic() + grace
+        with self._cond:
+            while (self._waiting or self._running) and not self._hurry.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+            clean = not (self._waiting or self._running)
+            for job in list(self._waiting) + list(self._running):
+                self._cancel_locked(job, UNAVAILABLE, "server is shutting down")
+            end = time.monotonic() + stop_wait
+            while self._running and time.monotonic() < end:
+                self._cond.wait(0.1)
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=max(0.0, end - time.monotonic()) + 1.0)
+        return clean
+
+    def hurry(self) -> None:
+        """A second signal: skip the rest of the grace period."""
+        self._hurry.set()
+
+    # --- admission -----------------------------------------------------------------------------
+
+    def deadline_for(self, client_timeout: float | None) -> float:
+        timeout = self.default_deadline if client_timeout is None else min(client_timeout,
+                                                                           self.max_deadline)
+        return time.monotonic() + timeout
+
+    def submit(self, request: GenerationRequest, n: int = 1, *, timeout: float | None = None,
+               listener: Callable[[Event], None] | None = None) -> Job:
+        """Admit a job or raise ServeError (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)."""
+        if timeout is not None and timeout <= 0:
+            raise ServeError(DEADLINE_EXCEEDED, "deadline already passed")
+        job = Job(request, n, self.deadline_for(timeout), listener)
+        with self._cond:
+            if self._draining:
+                raise ServeError(UNAVAILABLE, "server is shutting down", retry_after=1.0)
+            if len(self._running) + len(self._waiting) >= self.slots + self.queue_size:
+                raise ServeError(RESOURCE_EXHAUSTED,
+                                 f"queue full ({self.slots} running, {self.queue_size} waiting)",
+                                 retry_after=1.0)
+            if not self.breaker.allow():
+                raise ServeError(UNAVAILABLE, "circuit open after repeated failures",
+                                 retry_after=max(1.0, self.breaker.retry_after()))
+            job.position = len(self._running) + len(self._waiting)
+            self._waiting.append(job)
+            self._gauges()
+            self._cond.notify()
+        job._emit(Event("queued", position=job.position))
+        return job
+
+    def cancel(self, job: Job, code: str = CANCELLED, message: str = "cancelled by the client") -> None:
+        with self._cond:
+            self._cancel_locked(job, code, message)
+
+    def _cancel_locked(self, job: Job, code: str, message: str) -> None:
+        if job.done:
+            return
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._gauges()
+            self._cond.notify_all()
+        job.stop_code = code
+        self._finish(job, error=ServeError(code, message))
+
+    def _finish(self, job: Job, images: list[Image] | None = None, error: ServeError | None = None) -> None:
+        """The first call decides the job's outcome; later ones (a worker stopping after a cancel) are
+        no-ops."""
+        with self._cond:
+            if job.done:
+                return
+            job.images, job.error = images, error
+            job._done.set()
+        self.breaker.record(_HEALTH.get(OK if error is None else error.code))
+        job._emit(Event("done"))
+
+    # --- the slots -----------------------------------------------------------------------------
+
+    def _take(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            job = self._waiting.popleft()
+            self._running.add(job)
+            self._gauges()
+            return job
+
+    def _worker(self) -> None:
+        while True:
+            job = self._take()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running.discard(job)
+                    self._gauges()
+                    self._cond.notify_all()
+                self._trim()
+
+    def _run(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        self.metrics.queue_wait.observe(job.started_at - job.admitted_at)
+        if job.remaining() <= 0:
+            self._finish(job, error=ServeError(DEADLINE_EXCEEDED, "deadline passed while queued"))
+            return
+        total = job.request.steps * job.n
+        done_steps = 0
+        last = [job.started_at]
+
+        def should_stop() -> bool:
+            if job.stop_code is not None:
+                return True
+            if time.monotonic() >= job.deadline:
+                job.stop_code = DEADLINE_EXCEEDED
+                return True
+            return False
+
+        def progress(step: int, steps: int) -> None:
+            now = time.monotonic()
+            self.metrics.step_seconds.observe(now - last[0])
+            self.metrics.steps.inc()
+            last[0] = now
+            job._emit(Event("progress", done_steps + step, total, now - job.started_at))
+
+        images: list[Image] = []
+        try:
+            for i in range(job.n):
+                request = dataclasses.replace(job.request, seed=(job.request.seed + i) % 2**64)
+                result = self.pipe.run(request, progress=progress, cancel=should_stop)
+                t0 = time.perf_counter()
+                png = encode_png(result)
+                result.timings.append(StageTiming("png", time.perf_counter() - t0))
+                result.latents = None
+                images.append(Image(png, result))
+                done_steps += request.steps
+            queue_s = job.started_at - job.admitted_at
+            for image in images:
+                image.result.timings.insert(0, StageTiming("queue", queue_s))
+            self._finish(job, images=images)
+        except Cancelled:
+            code = job.stop_code or CANCELLED
+            message = {DEADLINE_EXCEEDED: "deadline exceeded", UNAVAILABLE: "server is shutting down"}
+            self._finish(job, error=ServeError(code, message.get(code, "cancelled")))
+        except InvalidRequest as exc:
+            self._finish(job, error=ServeError(INVALID_ARGUMENT, str(exc), field=exc.field))
+        except MemoryError:
+            log.error("out of memory in a generation")
+            self._finish(job, error=ServeError(INTERNAL, "out of memory"))
+        except Exception as exc:
+            log.exception("generation failed")
+            self._finish(job, error=ServeError(INTERNAL, f"generation failed: {type(exc).__name__}"))
+        finally:
+            images = []  # noqa: F841  (drop references before trimming the heap)
+
+
+def encode_png(result: GenerationResult) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", result.parameters)
+    buf = io.BytesIO()
+    result.image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()

@@ -1,0 +1,145 @@
+"""`sdlite serve`: load the model once, start the gRPC and HTTP front ends, drain on SIGTERM/SIGINT.
+
+Lifecycle
+    1. signal handlers first (a signal during the model load ends the process cleanly, exit 0)
+    2. --oom-score-adj written to /proc/self/oom_score_adj
+    3. the model loaded once; a one-step warm-up generation (faults in the weights, first-call costs)
+    4. front ends bound; one line per listener on stdout, then `--port-file` (JSON) written atomically
+    5. first SIGTERM/SIGINT: health turns NOT_SERVING, new work gets UNAVAILABLE / 503, admitted work has
+       `--grace` seconds to finish, then is cancelled at its next sampler step; a second signal skips the
+       rest of the grace period. The listeners close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import SdliteError
+from .config import ServeConfig
+
+log = logging.getLogger("sdlite.serve")
+
+
+class ServeSetupError(SdliteError):
+    """The service cannot start (port in use, oom_score_adj refused, ...)."""
+
+
+def apply_oom_score_adj(value: int) -> None:
+    if not -1000 <= value <= 1000:
+        raise ServeSetupError(f"--oom-score-adj must be in [-1000, 1000], got {value}")
+    try:
+        Path("/proc/self/oom_score_adj").write_text(f"{value}\n")
+    except OSError as exc:
+        raise ServeSetupError(f"cannot set oom_score_adj to {value}: {exc.strerror or exc} "
+                              "(lowering it needs CAP_SYS_RESOURCE)") from None
+
+
+def write_port_file(path: Path, ports: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(ports) + "\n")
+    os.replace(tmp, path)
+
+
+def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
+    out = out or sys.stdout
+    stop = threading.Event()
+    executor_box: list = []
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            print(f"sdlite serve: second {signal.Signals(signum).name}: cancelling in-flight work",
+                  file=out, flush=True)
+            if executor_box:
+                executor_box[0].hurry()
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(config, out, warmup, stop, executor_box)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
+    from ..pipeline import GenerationRequest, Pipeline
+    from .breaker import CircuitBreaker
+    from .execution import Executor, plan_concurrency
+    from .fields import Defaults
+    from .grpc_server import GrpcFrontEnd
+    from .http_server import HttpFrontEnd
+    from .metrics import Metrics
+
+    if config.oom_score_adj is not None:
+        apply_oom_score_adj(config.oom_score_adj)
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(config.model, threads=config.threads)
+    try:
+        defaults = Defaults.for_pipeline(pipe)
+        if warmup and not stop.is_set():
+            f = pipe.vae_scale_factor
+            pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0,
+                                       sampler=defaults.sampler), cancel=stop)
+        load_s = time.perf_counter() - t0
+        if stop.is_set():
+            print("sdlite serve: stopped before start", file=out, flush=True)
+            return 0
+        metrics = Metrics()
+        slots = plan_concurrency(pipe, config.max_concurrency)
+        breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown)
+        executor = Executor(pipe, slots=slots, queue_size=config.queue_size, breaker=breaker,
+                            metrics=metrics, default_deadline=config.default_deadline,
+                            max_deadline=config.max_deadline).start()
+        executor_box.append(executor)
+        front_ends = []
+        ports = {"pid": os.getpid()}
+        try:
+            if config.grpc_port is not None:
+                g = GrpcFrontEnd(executor, config.limits, defaults, metrics, config.host, config.grpc_port)
+                front_ends.append(("grpc", g))
+                ports["grpc"] = g.port
+            if config.http_port is not None:
+                h = HttpFrontEnd(executor, config.limits, defaults, metrics, pipe.folder.name,
+                                 config.host, config.http_port,
+                                 max_connections=2 * (slots + config.queue_size) + 64)
+                front_ends.append(("http", h))
+                ports["http"] = h.port
+        except (OSError, RuntimeError) as exc:
+            for _, fe in front_ends:
+                fe.close()
+            raise ServeSetupError(f"cannot listen on {config.host}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
+        for _, fe in front_ends:
+            fe.start()
+        print(f"sdlite serve: model {pipe.folder.name} loaded in {load_s:.1f}s; {slots} slot(s), "
+              f"queue {config.queue_size}, native size {defaults.width}x{defaults.height}", file=out)
+        for name, fe in front_ends:
+            print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
+        out.flush()
+        if config.port_file is not None:
+            write_port_file(Path(config.port_file), ports)
+
+        while not stop.wait(0.5):
+            pass
+
+        print(f"sdlite serve: draining (grace {config.grace:g}s)", file=out, flush=True)
+        for name, fe in front_ends:
+            if name == "grpc":
+                fe.not_serving()
+        clean = executor.drain(config.grace)
+        for name, fe in front_ends:
+            fe.stop()
+        running, waiting = executor.load()
+        print(f"sdlite serve: stopped ({'all work finished' if clean else 'in-flight work cancelled'}"
+              f"{'' if not running else f', {running} job(s) still stopping'})", file=out, flush=True)
+        return 0
+    finally:
+        if not executor_box or executor_box[0].load()[0] == 0:
+            pipe.close()  # (a job that would not stop keeps the weights; the process is exiting anyway)
