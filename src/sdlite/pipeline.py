@@ -11,9 +11,10 @@ sampler's own draws, and classifier-free guidance runs as [uncond, cond].
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,14 @@ from PIL import Image
 from . import samplers
 from .errors import Cancelled, InvalidRequest
 from .models.config import read_json
-from .runtime.components import LoadedComponent, load_text_encoder, load_unet, load_vae
+from .runtime import memory
+from .runtime.attention import set_attention
+from .runtime.components import LOADERS, LoadedComponent, text_config, unet_config, vae_config
+from .runtime.kv_cache import cross_attention_cache
+from .runtime.planner import (STAGES, ModelSizes, Plan, PlanError, fmt_bytes, make_plan,
+                              parse_bytes)
+from .runtime.profiler import Profiler
+from .runtime.tiled_vae import decode_tiled
 from .tokenizer import ClipTokenizer
 from .weights.model_folder import ModelFolder
 
@@ -99,6 +107,8 @@ class GenerationResult:
     parameters: str
     timings: list[StageTiming] = field(default_factory=list)
     latents: torch.Tensor | None = None
+    plan: Plan | None = None
+    profile: dict | None = None
 
     def save(self, path: str | Path) -> Path:
         from .image_io import save_png
@@ -106,53 +116,131 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, folder: ModelFolder, tokenizer: ClipTokenizer, text_encoder: LoadedComponent,
-                 unet: LoadedComponent, vae: LoadedComponent, scheduler_config: dict,
-                 dtype: torch.dtype = torch.float32):
+    """A loaded model plus the memory plan that decides how it runs.
+
+    With `residency="all"` the three networks are loaded once (weights mapped, not copied) and kept;
+    with `"staged"` each is loaded for its stage and released after it (module dropped, file unmapped,
+    heap trimmed), so only one stage's weights and activations are ever in memory.
+    """
+
+    def __init__(self, folder: ModelFolder, tokenizer: ClipTokenizer, scheduler_config: dict,
+                 plan: Plan, dtype: torch.dtype = torch.float32):
         self.folder = folder
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.unet = unet
-        self.vae = vae
         self.scheduler_config = scheduler_config
+        self.plan = plan
         self.dtype = dtype
+        self.unet_config = unet_config(folder)
+        self.vae_config = vae_config(folder)
+        self.text_config = text_config(folder)
+        self._components: dict[str, LoadedComponent] = {}
+        self._sizes = None
         self._lock = threading.Lock()
+        if self.text_config.max_position_embeddings < tokenizer.max_length:
+            tokenizer.max_length = self.text_config.max_position_embeddings
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
-             threads: int | None = None) -> "Pipeline":
-        """Open a diffusers model folder. Weights stay in the mapped files where their dtype allows."""
+    def load(cls, path: str | Path, *, memory_budget: int | str | None = None, plan: Plan | None = None,
+             width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
+             threads: int | None = None, profiler: Profiler | None = None) -> "Pipeline":
+        """Open a diffusers model folder. With `memory_budget` (bytes or '1.5G'), plan the levers for
+        `width` x `height` (default: the model's native size) first and refuse, before loading anything,
+        when nothing fits (`PlanError`, with the smallest budget that would)."""
         if threads is not None:
             torch.set_num_threads(threads)
         folder = ModelFolder.open(path)
         tokenizer = ClipTokenizer.from_folder(folder.component("tokenizer"))
         scheduler_config = read_json(folder.component("scheduler") / "scheduler_config.json")
-        text_encoder = load_text_encoder(folder, dtype)
-        try:
-            unet = load_unet(folder, dtype)
+        if isinstance(memory_budget, str):
+            memory_budget = parse_bytes(memory_budget)
+        if plan is None:
+            native = unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+            plan = make_plan(folder, memory_budget, width or native, height or native)
+        pipe = cls(folder, tokenizer, scheduler_config, plan, dtype)
+        if plan.residency == "all":
+            handle = profiler.begin("load") if profiler else None
             try:
-                vae = load_vae(folder, dtype)
+                for name in STAGES:
+                    pipe._component(name)
             except Exception:
-                unet.close()
+                pipe.close()
                 raise
-        except Exception:
-            text_encoder.close()
-            raise
-        if text_encoder.module.config.max_position_embeddings < tokenizer.max_length:
-            tokenizer.max_length = text_encoder.module.config.max_position_embeddings
-        return cls(folder, tokenizer, text_encoder, unet, vae, scheduler_config, dtype)
+            finally:
+                if handle:
+                    profiler.end(handle)
+            gc.collect()
+            gc.freeze()
+        return pipe
+
+    # --- components, loaded on demand -----------------------------------------------------------
+
+    def _component(self, name: str) -> LoadedComponent:
+        part = self._components.get(name)
+        if part is None:
+            part = LOADERS[name](self.folder, self.dtype, weights_mode=self.plan.weights_mode)
+            set_attention(part.module, self.plan.attention)
+            self._components[name] = part
+        return part
+
+    def _release(self, name: str) -> None:
+        """After a stage: in staged residency, drop the network and unmap its weights."""
+        if self.plan.residency != "staged":
+            return
+        part = self._components.pop(name, None)
+        if part is not None:
+            files = [f.path for f in getattr(part.weights, "files", [])]
+            part.close()
+            del part
+            memory.trim()
+            for f in files:
+                memory.drop_file_cache(f)
+
+    @property
+    def text_encoder(self) -> LoadedComponent:
+        return self._component("text_encoder")
+
+    @property
+    def unet(self) -> LoadedComponent:
+        return self._component("unet")
+
+    @property
+    def vae(self) -> LoadedComponent:
+        return self._component("vae")
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.module.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.module.config.in_channels
+        return self.unet_config.in_channels
+
+    @property
+    def native_size(self) -> int:
+        return self.unet_config.sample_size * self.vae_scale_factor
 
     def close(self) -> None:
-        for part in (self.text_encoder, self.unet, self.vae):
+        for part in self._components.values():
             part.close()
+        self._components.clear()
+
+    def plan_for(self, width: int, height: int) -> Plan:
+        """The plan for a request size: the loaded plan when the size matches or no budget was given,
+        else a fresh one for the same budget (PlanError when that size does not fit)."""
+        plan = self.plan
+        if plan.budget is None or (plan.width, plan.height) == (width, height):
+            return plan
+        if self._sizes is None:
+            self._sizes = ModelSizes.of(self.folder)
+        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes)
+        if plan.residency == "staged":
+            new.residency = "staged"
+        elif new.residency == "staged":
+            raise PlanError(f"{width}x{height} needs one stage at a time in {fmt_bytes(plan.budget)}, "
+                            f"but this pipeline was loaded for {plan.width}x{plan.height} with every "
+                            "network resident; load it for the larger size")
+        new.weights_mode = plan.weights_mode
+        return new
 
     # --- the stages -----------------------------------------------------------------------------
 
@@ -168,31 +256,47 @@ class Pipeline:
 
     def denoise(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                 request: GenerationRequest, generator: torch.Generator,
-                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                plan: Plan | None = None) -> torch.Tensor:
+        plan = plan or self.plan
         unet = self.unet.module
         scale = request.cfg_scale
-        if uncond is not None:
+        if uncond is None:
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return unet(x.to(self.dtype), t, cond).float()
+        elif plan.cfg == "split":
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                x = x.to(self.dtype)
+                out_uncond = unet(x, t, uncond).float()
+                out_cond = unet(x, t, cond).float()
+                return out_uncond + scale * (out_cond - out_uncond)
+        else:
             context = torch.cat([uncond, cond])
 
             def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 out = unet(torch.cat([x, x]).to(self.dtype), t, context).float()
                 out_uncond, out_cond = out.chunk(2)
                 return out_uncond + scale * (out_cond - out_uncond)
-        else:
-            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return unet(x.to(self.dtype), t, cond).float()
 
-        with torch.inference_mode():
+        cache = cross_attention_cache(unet) if plan.kv_cache else contextlib.nullcontext()
+        with torch.inference_mode(), cache:
             return samplers.sample(request.sampler, model, noise, request.steps, self.scheduler_config,
                                    generator=generator, callback=on_step)
 
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode(self, latents: torch.Tensor, plan: Plan | None = None) -> Image.Image:
+        plan = plan or self.plan
         vae = self.vae.module
         with torch.inference_mode():
             z = latents / vae.config.scaling_factor
             if vae.config.shift_factor:
                 z = z + vae.config.shift_factor
-            image = vae.decode(z.to(self.dtype)).float()
+            z = z.to(self.dtype)
+            if plan.vae_tile:
+                image = decode_tiled(vae.decode, z, self.vae_scale_factor, plan.vae_tile,
+                                     min(plan.vae_overlap, plan.vae_tile // 2))
+            else:
+                image = vae.decode(z)
+            image = image.float()
         image = (image / 2 + 0.5).clamp(0, 1)
         array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
@@ -200,45 +304,49 @@ class Pipeline:
     # --- the whole job --------------------------------------------------------------------------
 
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20,
-                 cfg_scale: float = 7.5, seed: int | None = None, width: int = 512, height: int = 512,
-                 sampler: str = "dpm++2m", clip_skip: int = 0,
+                 cfg_scale: float = 7.5, seed: int | None = None, width: int | None = None,
+                 height: int | None = None, sampler: str = "dpm++2m", clip_skip: int = 0,
                  progress: ProgressFn | None = None,
                  cancel: threading.Event | Callable[[], bool] | None = None,
-                 latents: torch.Tensor | None = None) -> GenerationResult:
-        """Generate one image. `progress(step, total)` is called after each sampler step; `cancel`
-        (an Event or a callable) is checked between steps and raises `Cancelled` when set.
-        `latents` replaces the seeded initial noise (for tests)."""
-        request = GenerationRequest(prompt, negative_prompt, steps, cfg_scale, seed, width, height,
+                 latents: torch.Tensor | None = None,
+                 profiler: Profiler | None = None) -> GenerationResult:
+        """Generate one image (default size: the model's native size). `progress(step, total)` is
+        called after each sampler step; `cancel` (an Event or a callable) is checked between steps and
+        raises `Cancelled` when set. `latents` replaces the seeded initial noise (for tests)."""
+        request = GenerationRequest(prompt, negative_prompt, steps, cfg_scale, seed,
+                                    width or self.native_size, height or self.native_size,
                                     sampler, clip_skip).validate()
-        return self.run(request, progress=progress, cancel=cancel, latents=latents)
+        return self.run(request, progress=progress, cancel=cancel, latents=latents, profiler=profiler)
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
             cancel: threading.Event | Callable[[], bool] | None = None,
-            latents: torch.Tensor | None = None) -> GenerationResult:
+            latents: torch.Tensor | None = None,
+            profiler: Profiler | None = None) -> GenerationResult:
         request.validate()
         is_cancelled = _cancel_check(cancel)
-        timings: list[StageTiming] = []
+        own_profiler = profiler is None
+        prof = profiler or Profiler(sample=False)
+        try:
+            with self._lock:
+                return self._run(request, progress, is_cancelled, latents, prof)
+        finally:
+            if own_profiler:
+                prof.close()
 
-        def timed(name, fn, *args):
-            t0 = time.perf_counter()
-            out = fn(*args)
-            timings.append(StageTiming(name, time.perf_counter() - t0))
-            return out
-
-        def on_step(i: int, total: int, x: torch.Tensor) -> None:
-            if progress is not None:
-                progress(i + 1, total)
-            if is_cancelled():
-                raise Cancelled(f"cancelled after step {i + 1} of {total}")
-
-        with self._lock:
-            if is_cancelled():
-                raise Cancelled("cancelled before start")
-            cond = timed("encode", self.encode_prompt, request.prompt, request.clip_skip)
-            uncond = None
-            if request.cfg_scale > 1.0:
-                uncond = timed("encode_negative", self.encode_prompt, request.negative_prompt,
-                               request.clip_skip)
+    def _run(self, request, progress, is_cancelled, latents, prof: Profiler) -> GenerationResult:
+        plan = self.plan_for(request.width, request.height)
+        if is_cancelled():
+            raise Cancelled("cancelled before start")
+        first = len(prof.records)
+        try:
+            with prof.stage("encode"):
+                cond = self.encode_prompt(request.prompt, request.clip_skip)
+                uncond = None
+                if request.cfg_scale > 1.0:
+                    uncond = self.encode_prompt(request.negative_prompt, request.clip_skip)
+            self._release("text_encoder")
+            if plan.trim:
+                memory.trim()
             generator = torch.Generator().manual_seed(request.seed)
             noise = self.initial_noise(request, generator)
             if latents is not None:
@@ -246,10 +354,39 @@ class Pipeline:
                     raise InvalidRequest("latents", f"expected shape {tuple(noise.shape)}, "
                                          f"got {tuple(latents.shape)}")
                 noise = latents.float()
-            final = timed("denoise", self.denoise, noise, cond, uncond, request, generator, on_step)
-            image = timed("decode", self.decode, final)
+
+            with prof.stage("load_unet" if "unet" not in self._components else "unet_ready"):
+                self._component("unet")
+            step_handle = [prof.begin("step 1", "step")]
+
+            def on_step(i: int, total: int, x: torch.Tensor) -> None:
+                prof.end(step_handle[0])
+                step_handle[0] = None
+                if progress is not None:
+                    progress(i + 1, total)
+                if is_cancelled():
+                    raise Cancelled(f"cancelled after step {i + 1} of {total}")
+                step_handle[0] = prof.begin(f"step {i + 2}", "step") if i + 1 < total else None
+
+            try:
+                final = self.denoise(noise, cond, uncond, request, generator, on_step, plan)
+            finally:
+                if step_handle[0] is not None:
+                    prof.end(step_handle[0])
+            self._release("unet")
+            if plan.trim:
+                memory.trim()
+            with prof.stage("decode"):
+                image = self.decode(final, plan)
+            self._release("vae")
+        except BaseException:
+            for name in STAGES:
+                self._release(name)
+            raise
+        records = prof.records[first:]
+        timings = [StageTiming(r.name, r.seconds) for r in records]
         return GenerationResult(image, request, format_parameters(request, self.folder.name), timings,
-                                final)
+                                final, plan, prof.to_dict())
 
 
 def _cancel_check(cancel) -> Callable[[], bool]:

@@ -1,0 +1,267 @@
+"""From a memory budget to a plan: which levers to pull, and what each stage will peak at.
+
+The estimate of a stage's peak (what the memory cgroup is charged: anonymous memory plus the page
+cache of the files read) is
+
+    base                       python + torch + sdlite, their code pages included
+  + resident weights           the stage's weight bytes as stored (fp32/fp16/int8), read via mmap;
+                               with `residency="all"` every stage's weights, with "staged" only its own
+  + converted weights          fp32 copies made at load (`weights_mode="materialize"` of fp16/int8
+                               files, and the small norm/bias tensors of lazy fp16/int8 files)
+  + workspace                  the largest single layer in fp32 (lazy fp16/int8 dequantization)
+  + activations                measured coefficients x batch x pixels (see ACTIVATION_BYTES)
+
+When the weights do not fit next to everything else, they are streamed: the kernel drops clean
+pages of the mapped file and reads them again when a layer needs them, so the run still completes
+within the budget but pays a re-read of the weights on every UNet call. The planner allows that as
+long as the non-reclaimable part (anonymous memory) plus a minimal working set of weights fits.
+
+The levers it chooses among, fastest first: everything resident / one stage at a time; CFG as one
+batch of 2 / two passes of 1; VAE untiled / tiled (smaller tiles as needed); weights materialized /
+dequantized per layer. Attention is always torch's blocked fused kernel (see runtime.attention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..errors import SdliteError
+from ..weights.model_folder import ModelFolder
+from ..weights.state_dict import load_component_weights
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# Calibrated with bench/calibrate_memory.py on the SD 1.5-size random model, fp32, 2 threads
+# (anonymous-memory peak above the loaded state, per latent pixel and batch element; text per token).
+ACTIVATION_BYTES = {
+    "unet_per_latent_px": 16_500,      # UNet forward, per latent pixel per batch element, SD 1.5 widths
+    "vae_per_image_px": 1_150,         # VAE decoder forward, per output pixel (tile or whole image)
+    "text": 48 * MiB,                  # CLIP-L over 77 tokens, batch 1
+}
+BASE_BYTES = 300 * MiB                 # python + torch + sdlite imported, code pages touched
+MIN_STREAM_BYTES = 96 * MiB            # page cache a streamed stage needs for its current layers
+
+
+class PlanError(SdliteError):
+    """No combination of levers fits the budget."""
+
+
+@dataclass
+class ComponentSize:
+    stored_bytes: int          # bytes of weight data in the files as stored
+    fp32_bytes: int            # the same weights as fp32
+    largest_layer_fp32: int    # the biggest single weight tensor, as fp32
+    small_fp32_bytes: int      # 1-d tensors (norms, biases, scales) as fp32: converted at load
+    lazy: bool                 # stored in a dtype other than fp32
+
+    @classmethod
+    def of(cls, folder: ModelFolder, name: str) -> "ComponentSize":
+        with load_component_weights(folder.component(name)) as w:
+            stored = fp32 = largest = small = 0
+            lazy = False
+            for k in w.keys():
+                n = math.prod(w.shape_of(k))
+                stored += w.nbytes_of(k)
+                fp32 += 4 * n
+                if len(w.shape_of(k)) >= 2:
+                    largest = max(largest, 4 * n)
+                else:
+                    small += 4 * n
+                if str(w.dtype_of(k)) != "torch.float32":
+                    lazy = True
+        return cls(stored, fp32, largest, small, lazy)
+
+
+@dataclass
+class ModelSizes:
+    text_encoder: ComponentSize
+    unet: ComponentSize
+    vae: ComponentSize
+    unet_channels: int
+    vae_factor: int
+    latent_channels: int
+
+    @classmethod
+    def of(cls, folder: ModelFolder) -> "ModelSizes":
+        from .components import unet_config, vae_config
+        ucfg, vcfg = unet_config(folder), vae_config(folder)
+        return cls(ComponentSize.of(folder, "text_encoder"), ComponentSize.of(folder, "unet"),
+                   ComponentSize.of(folder, "vae"), ucfg.block_out_channels[0],
+                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels)
+
+    def component(self, name: str) -> ComponentSize:
+        return getattr(self, name)
+
+
+@dataclass
+class Plan:
+    residency: str = "all"            # "all": load once, keep; "staged": one stage's network at a time
+    cfg: str = "batch"                # "batch": uncond+cond as a batch of 2; "split": two passes of 1
+    vae_tile: int | None = None       # latent tile size for tiled VAE decoding; None: untiled
+    vae_overlap: int = 8
+    weights_mode: str = "lazy"        # "lazy": dequantize fp16/int8 per layer; "materialize": fp32 at load
+    attention: str = "sdpa"
+    kv_cache: bool = True
+    trim: bool = True                 # gc + malloc_trim between stages
+    budget: int | None = None
+    estimates: dict = field(default_factory=dict)   # stage -> estimated peak bytes
+    streamed: list = field(default_factory=list)    # stages whose weights do not fit and stream
+    width: int = 512
+    height: int = 512
+
+    def describe(self) -> str:
+        parts = [f"residency={self.residency}", f"cfg={self.cfg}",
+                 f"vae={'tiled ' + str(self.vae_tile * 8) + 'px' if self.vae_tile else 'untiled'}",
+                 f"weights={self.weights_mode}", f"attention={self.attention}",
+                 f"kv_cache={'on' if self.kv_cache else 'off'}"]
+        if self.streamed:
+            parts.append("streamed=" + "+".join(self.streamed))
+        return ", ".join(parts)
+
+    def peak(self) -> int:
+        return max(self.estimates.values()) if self.estimates else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: int) -> int:
+    if stage == "text_encoder":
+        return ACTIVATION_BYTES["text"]
+    f = sizes.vae_factor
+    if stage == "unet":
+        batch = 1 if plan.cfg == "split" else 2
+        px = (width // f) * (height // f)
+        scale = sizes.unet_channels / 320
+        return int(ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
+    if plan.vae_tile:
+        tw = min(plan.vae_tile, width // f) * f
+        th = min(plan.vae_tile, height // f) * f
+        px = tw * th
+        px_out = width * height  # the blended output and its weights (fp32)
+        return int(ACTIVATION_BYTES["vae_per_image_px"] * px + 16 * px_out)
+    return int(ACTIVATION_BYTES["vae_per_image_px"] * width * height)
+
+
+STAGES = ("text_encoder", "unet", "vae")
+
+
+def estimate(sizes: ModelSizes, plan: Plan, width: int, height: int, budget: int | None = None
+             ) -> tuple[dict, list]:
+    """Peak bytes per stage for `plan`, and which stages must stream their weights."""
+    estimates, streamed = {}, []
+    for stage in STAGES:
+        c = sizes.component(stage)
+        lazy = c.lazy and plan.weights_mode == "lazy"
+        anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
+        if lazy:
+            anon += c.largest_layer_fp32 + c.small_fp32_bytes
+        elif c.lazy:
+            anon += c.fp32_bytes  # materialized copies
+        # weights kept by other stages
+        others = 0
+        if plan.residency == "all":
+            for o in STAGES:
+                if o != stage:
+                    oc = sizes.component(o)
+                    others += oc.stored_bytes if (oc.lazy and plan.weights_mode == "lazy") or not oc.lazy \
+                        else oc.fp32_bytes
+        anon_total = anon + (others if plan.residency == "all" and plan.weights_mode == "materialize"
+                             else 0)
+        file_bytes = c.stored_bytes if (lazy or not c.lazy) else 0
+        if plan.residency == "all" and plan.weights_mode != "materialize":
+            file_bytes += others
+        want = anon_total + file_bytes
+        if budget is not None and want > budget:
+            if anon_total + MIN_STREAM_BYTES <= budget and file_bytes > 0:
+                streamed.append(stage)
+                want = budget  # the page cache fills up to the limit and is recycled
+        estimates[stage] = int(want)
+    return estimates, streamed
+
+
+def candidates(sizes: ModelSizes, width: int, height: int):
+    """Lever combinations, fastest first."""
+    f = sizes.vae_factor
+    lat = max(width, height) // f
+    tiles = [None] + [t for t in (64, 48, 32, 24, 16) if t < lat]
+    modes = ["materialize", "lazy"] if any(sizes.component(s).lazy for s in STAGES) else ["lazy"]
+    for residency in ("all", "staged"):
+        for weights_mode in modes:
+            for cfg in ("batch", "split"):
+                for tile in tiles:
+                    yield Plan(residency=residency, cfg=cfg, vae_tile=tile, weights_mode=weights_mode)
+
+
+def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
+              sizes: ModelSizes | None = None) -> Plan:
+    """The fastest plan whose estimated peak fits `budget` without streaming if possible, else the
+    fastest that fits by streaming weights; PlanError with the smallest budget that would fit."""
+    if not isinstance(folder, ModelFolder):
+        folder = ModelFolder.open(folder)
+    sizes = sizes or ModelSizes.of(folder)
+    if budget is None:
+        plan = Plan(width=width, height=height)
+        plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
+        return plan
+    streaming_fit = None
+    smallest = None
+    for plan in candidates(sizes, width, height):
+        est, streamed = estimate(sizes, plan, width, height, budget)
+        plan.estimates, plan.streamed, plan.budget = est, streamed, budget
+        plan.width, plan.height = width, height
+        fits = all(v <= budget for v in est.values())
+        if fits and not streamed:
+            return plan
+        if fits and streaming_fit is None:
+            streaming_fit = plan
+        full, _ = estimate(sizes, plan, width, height)
+        need = max(full.values())
+        stream_need = max(_anon_only(sizes, plan, width, height).values()) + MIN_STREAM_BYTES
+        need = min(need, stream_need)
+        smallest = need if smallest is None else min(smallest, need)
+    if streaming_fit is not None:
+        return streaming_fit
+    raise PlanError(
+        f"a {width}x{height} generation does not fit in {fmt_bytes(budget)}: the leanest plan needs "
+        f"about {fmt_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M, a smaller "
+        f"image, or int8 weights: sdlite convert MODEL OUT --weights int8)")
+
+
+def _anon_only(sizes: ModelSizes, plan: Plan, width: int, height: int) -> dict:
+    out = {}
+    for stage in STAGES:
+        c = sizes.component(stage)
+        lazy = c.lazy and plan.weights_mode == "lazy"
+        anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
+        if lazy:
+            anon += c.largest_layer_fp32 + c.small_fp32_bytes
+        elif c.lazy:
+            anon += c.fp32_bytes
+        out[stage] = anon
+    return out
+
+
+def fmt_bytes(n: int) -> str:
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB"
+
+
+def parse_bytes(text: str) -> int:
+    """'1.5G', '768M', '512MiB', '2GB', '1073741824' -> bytes (binary units)."""
+    t = text.strip().upper().replace("IB", "").rstrip("B")
+    units = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
+    mult = 1
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 1.5G, 768M)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"a memory budget must be positive, got {text!r}")
+    return int(value * mult)
