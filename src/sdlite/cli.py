@@ -64,6 +64,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def byte_size(text: str) -> int:
+    from .runtime.planner import parse_bytes
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
 
@@ -84,11 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--clip-skip", type=non_negative_int, default=0)
     g.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--memory-budget", type=byte_size, default=None,
+                   help="stay within this much memory (e.g. 1.5G, 768M): planned before loading")
+    g.add_argument("--profile", metavar="TRACE.json", default=None,
+                   help="write a Chrome/Perfetto trace of the stages and memory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    g.add_argument("-v", "--verbose", action="store_true", help="print per-stage timings")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="print the plan and a per-stage table of time and peak memory")
 
-    i = sub.add_parser("info", help="components, parameter counts and sizes of a model folder")
+    i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan")
     i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
+    i.add_argument("--memory-budget", type=byte_size, action="append", default=None,
+                   help="show the plan for this budget (repeatable; default: a few common budgets)")
+    i.add_argument("-W", "--width", type=positive_int, default=None)
+    i.add_argument("-H", "--height", type=positive_int, default=None)
 
     c = sub.add_parser("convert", help="write a copy of a model folder with fp16 or int8 weights")
     c.add_argument("src")
@@ -135,9 +152,9 @@ def resolve_model(arg: str | None) -> Path:
     return model
 
 
-def check_output_path(path: Path) -> None:
-    if path.suffix.lower() != ".png":
-        raise CliError(f"{path}: output must be a .png file")
+def check_output_path(path: Path, suffix: str = ".png") -> None:
+    if path.suffix.lower() != suffix:
+        raise CliError(f"{path}: output must be a {suffix} file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CliError(f"{path}: directory {parent} does not exist")
@@ -156,21 +173,33 @@ def cmd_generate(args) -> int:
     # validate the request before spending time on loading
     req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
                             args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
-    t0 = time.perf_counter()
-    pipe = Pipeline.load(model, threads=args.threads)
-    load_s = time.perf_counter() - t0
-    if args.width is None or args.height is None:
-        native = pipe.unet.module.config.sample_size * pipe.vae_scale_factor
-        req.width = args.width or native
-        req.height = args.height or native
-        req.validate()
-    progress = None if args.quiet else ProgressBar()
-    result = pipe.run(req, progress=progress)
-    result.save(output)
+    if args.profile:
+        check_output_path(Path(args.profile), suffix=".json")
+    from .runtime.components import unet_config, vae_config
+    from .runtime.profiler import Profiler
+    from .weights.model_folder import ModelFolder
+
+    folder = ModelFolder.open(model)
+    native = unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+    req.width = args.width or native
+    req.height = args.height or native
+    req.validate()
+    prof = Profiler()
+    try:
+        pipe = Pipeline.load(model, threads=args.threads, memory_budget=args.memory_budget,
+                             width=req.width, height=req.height, profiler=prof)
+        if args.verbose:
+            print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
+        progress = None if args.quiet else ProgressBar()
+        result = pipe.run(req, progress=progress, profiler=prof)
+        with prof.stage("save"):
+            result.save(output)
+    finally:
+        prof.close()
     if args.verbose:
-        print(f"{'load':<16}{load_s:8.3f} s", file=sys.stderr)
-        for t in result.timings:
-            print(f"{t.name:<16}{t.seconds:8.3f} s", file=sys.stderr)
+        print(prof.table(), file=sys.stderr)
+    if args.profile:
+        prof.write_trace(args.profile)
     print(f"{output} (seed {req.seed}, {req.width}x{req.height}, {req.steps} steps, {req.sampler})")
     return 0
 
@@ -207,8 +236,27 @@ def cmd_info(args) -> int:
     from .runtime.components import unet_config, vae_config
     ucfg, vcfg = unet_config(folder), vae_config(folder)
     f = 2 ** (len(vcfg.block_out_channels) - 1)
-    print(f"  native size: {ucfg.sample_size * f}x{ucfg.sample_size * f}, "
+    native = ucfg.sample_size * f
+    print(f"  native size: {native}x{native}, "
           f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}")
+
+    from .runtime.planner import GiB, MiB, ModelSizes, PlanError, fmt_bytes, make_plan
+    width, height = args.width or native, args.height or native
+    for name, v in (("width", width), ("height", height)):
+        if v % 8:
+            raise CliError(f"{name}: must be a positive multiple of 8, got {v}")
+    sizes = ModelSizes.of(folder)
+    budgets = args.memory_budget or [None, 3 * GiB, 2 * GiB, int(1.5 * GiB), 1 * GiB, 768 * MiB, 512 * MiB]
+    print(f"memory plans for {width}x{height} (estimated peak per stage: text / unet / vae):")
+    for budget in budgets:
+        label = "unlimited" if budget is None else fmt_bytes(budget)
+        try:
+            plan = make_plan(folder, budget, width, height, sizes=sizes)
+        except PlanError as exc:
+            print(f"  {label:>10}: does not fit: {exc}")
+            continue
+        est = " / ".join(fmt_bytes(plan.estimates[s]) for s in ("text_encoder", "unet", "vae"))
+        print(f"  {label:>10}: {est}  [{plan.describe()}]")
     return 0
 
 
