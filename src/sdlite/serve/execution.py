@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import Cancelled, InvalidRequest
+from ..errors import Cancelled, InvalidRequest, SdliteError
 from ..pipeline import GenerationRequest, GenerationResult, StageTiming
 from .breaker import STATE_VALUES, CircuitBreaker
 
@@ -314,6 +314,7 @@ class Executor:
             for i in range(job.n):
                 request = dataclasses.replace(job.request, seed=(job.request.seed + i) % 2**64)
                 result = self.pipe.run(request, progress=progress, cancel=should_stop)
+                result.timings = summarize_timings(result.timings)
                 t0 = time.perf_counter()
                 png = encode_png(result)
                 result.timings.append(StageTiming("png", time.perf_counter() - t0))
@@ -330,6 +331,10 @@ class Executor:
             self._finish(job, error=ServeError(code, message.get(code, "cancelled")))
         except InvalidRequest as exc:
             self._finish(job, error=ServeError(INVALID_ARGUMENT, str(exc), field=exc.field))
+        except SdliteError as exc:  # e.g. the planner: this size does not fit the memory budget
+            field = "width" if type(exc).__name__ == "PlanError" else None
+            self._finish(job, error=ServeError(INVALID_ARGUMENT if field else INTERNAL,
+                                               f"{field}: {exc}" if field else str(exc), field=field))
         except MemoryError:
             log.error("out of memory in a generation")
             self._finish(job, error=ServeError(INTERNAL, "out of memory"))
@@ -338,6 +343,21 @@ class Executor:
             self._finish(job, error=ServeError(INTERNAL, f"generation failed: {type(exc).__name__}"))
         finally:
             images = []  # noqa: F841  (drop references before trimming the heap)
+
+
+def summarize_timings(timings: list[StageTiming]) -> list[StageTiming]:
+    """Per-step records ("step 1", "step 2", ...) summed into one "denoise" entry, in its place."""
+    out: list[StageTiming] = []
+    denoise = None
+    for t in timings:
+        if t.name.startswith("step ") and t.name[5:].isdigit():
+            if denoise is None:
+                denoise = StageTiming("denoise", 0.0)
+                out.append(denoise)
+            denoise.seconds += t.seconds
+        else:
+            out.append(t)
+    return out
 
 
 def encode_png(result: GenerationResult) -> bytes:

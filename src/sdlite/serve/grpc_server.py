@@ -38,7 +38,8 @@ STATUS = {
     UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     INTERNAL: grpc.StatusCode.INTERNAL,
 }
-NO_DEADLINE = 1e7  # grpc reports "no deadline" as a huge time remaining
+NO_DEADLINE = 1e7
+DEADLINE_SLACK = 0.25  # seconds  # grpc reports "no deadline" as a huge time remaining
 
 
 def request_fields(msg: pb.GenerateRequest) -> dict:
@@ -59,13 +60,31 @@ def response_message(image: Image) -> pb.GenerateResponse:
         sampler=q.sampler)
 
 
+class Outcome:
+    """Counts one request's outcome exactly once, whichever path (handler or end-of-RPC callback) ends it."""
+
+    def __init__(self, metrics, api: str):
+        self.metrics, self.api = metrics, api
+        self._lock = threading.Lock()
+        self._counted = False
+
+    def __call__(self, outcome: str, job=None) -> None:
+        with self._lock:
+            if self._counted:
+                return
+            self._counted = True
+        self.metrics.count(self.api, outcome)
+        if outcome == OK and job is not None:
+            self.metrics.request_seconds.labels(self.api).observe(time.monotonic() - job.admitted_at)
+
+
 class TextToImage(pb_grpc.TextToImageServicer):
     def __init__(self, executor: Executor, limits, defaults, metrics):
         self.executor, self.limits, self.defaults, self.metrics = executor, limits, defaults, metrics
 
     # --- shared steps --------------------------------------------------------------------------
 
-    def _admit(self, msg, context, listener=None):
+    def _admit(self, msg, context, outcome: Outcome, listener=None):
         """Validate and submit; ServeError when refused."""
         try:
             request, n = build_request(request_fields(msg), self.limits, self.defaults)
@@ -77,54 +96,55 @@ class TextToImage(pb_grpc.TextToImageServicer):
 
         def on_rpc_end():  # runs when the RPC ends for any reason: cancel, deadline, or done
             if not job.done:
-                expired = context.time_remaining() <= 0 or job.remaining() <= 0
-                self.executor.cancel(job, DEADLINE_EXCEEDED if expired else CANCELLED,
-                                     "deadline exceeded" if expired else "cancelled by the client")
+                self._stop(job, context)
+            if job.error is not None:  # a stream whose client left is not resumed to count itself
+                outcome(job.error.code)
 
         if not context.add_callback(on_rpc_end):
             on_rpc_end()
         return job
 
+    def _stop(self, job, context) -> None:
+        # the client's deadline fires a little before the server's copy of it (the timeout travels in a
+        # header), so an RPC that ends within DEADLINE_SLACK of its deadline ended because of it
+        expired = context.time_remaining() <= DEADLINE_SLACK or job.remaining() <= DEADLINE_SLACK
+        self.executor.cancel(job, DEADLINE_EXCEEDED if expired else CANCELLED,
+                             "deadline exceeded" if expired else "cancelled by the client")
+
     def _check(self, job, context) -> None:
         """Between waits: enforce the job's deadline and notice a vanished client."""
-        if job.done:
-            return
-        if job.remaining() <= 0:
-            self.executor.cancel(job, DEADLINE_EXCEEDED, "deadline exceeded")
-        elif not context.is_active():
-            self.executor.cancel(job, CANCELLED, "cancelled by the client")
+        if not job.done and (job.remaining() <= 0 or not context.is_active()):
+            self._stop(job, context)
 
-    def _fail(self, api: str, exc: ServeError, context) -> None:
-        self.metrics.count(api, exc.code)
+    def _fail(self, outcome: Outcome, exc: ServeError, context) -> None:
+        outcome(exc.code)
         if exc.field:
             context.set_trailing_metadata((("sdlite-field", exc.field),))
         context.abort(STATUS[exc.code], exc.message)  # raises
 
-    def _ok(self, api: str, job) -> None:
-        self.metrics.count(api, OK)
-        self.metrics.request_seconds.labels(api).observe(time.monotonic() - job.admitted_at)
-
     # --- the two methods -----------------------------------------------------------------------
 
     def Generate(self, msg, context):
+        outcome = Outcome(self.metrics, "grpc")
         try:
-            job = self._admit(msg, context)
+            job = self._admit(msg, context, outcome)
             while not job.wait(timeout=max(0.0, min(0.25, job.remaining()))):
                 self._check(job, context)
             image = job.outcome()[0]
         except ServeError as exc:
             error = exc
         else:
-            self._ok("grpc", job)
+            outcome(OK, job)
             return response_message(image)
-        self._fail("grpc", error, context)
+        self._fail(outcome, error, context)
 
     def GenerateStream(self, msg, context):
+        outcome = Outcome(self.metrics, "grpc_stream")
         events: queue.Queue = queue.Queue()
         try:
-            job = self._admit(msg, context, listener=events.put)
+            job = self._admit(msg, context, outcome, listener=events.put)
         except ServeError as exc:
-            self._fail("grpc_stream", exc, context)
+            self._fail(outcome, exc, context)
             return
         while True:
             try:
@@ -142,9 +162,9 @@ class TextToImage(pb_grpc.TextToImageServicer):
         try:
             image = job.outcome()[0]
         except ServeError as exc:
-            self._fail("grpc_stream", exc, context)
+            self._fail(outcome, exc, context)
             return
-        self._ok("grpc_stream", job)
+        outcome(OK, job)
         yield pb.GenerateEvent(result=response_message(image))
 
 

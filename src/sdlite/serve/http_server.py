@@ -85,7 +85,8 @@ def a1111_fields(body: dict) -> dict:
             raise BadField("scheduler", f"unsupported scheduler {scheduler!r} for this sampler "
                            "(only 'Karras' with DPM++ 2M)")
         fields["sampler"] = "dpm++2m_karras"
-    overrides = body.get("override_settings") or {}
+    overrides = body.get("override_settings")
+    overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
         raise BadField("override_settings", "must be an object")
     stop_at = overrides.get("CLIP_stop_at_last_layers")
@@ -150,9 +151,11 @@ class HttpApp:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "sdlite"
-    sys_version = ""
     timeout = 120  # seconds a connection may sit idle or trickle a request
     app: HttpApp
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format, *args):  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
