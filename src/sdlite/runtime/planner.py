@@ -34,14 +34,20 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 # Calibrated with bench/calibrate_memory.py on the SD 1.5-size random model, fp32, 2 threads
-# (anonymous-memory peak above the loaded state, per latent pixel and batch element; text per token).
+# (anonymous-memory peak above the loaded state). UNet: 399 MB at batch 2 x 64x64 latents, 363 MB at
+# batch 1 x 64x64, 339 MB at batch 2 x 32x32 -> a constant of about 2.7x the largest conv weight
+# (oneDNN reorders each conv weight into a blocked copy per call, and the allocator keeps the
+# freed blocks) plus 9.9 KB per latent pixel and batch element. VAE decoder: 1086 MB at 512x512
+# output, 305 MB at 256x256, 121 MB at 128x128 -> 45 MB + 3.97 KB per output pixel.
 ACTIVATION_BYTES = {
-    "unet_per_latent_px": 16_500,      # UNet forward, per latent pixel per batch element, SD 1.5 widths
-    "vae_per_image_px": 1_150,         # VAE decoder forward, per output pixel (tile or whole image)
-    "text": 48 * MiB,                  # CLIP-L over 77 tokens, batch 1
+    "unet_const_x_largest_layer": 2.7,
+    "unet_per_latent_px": 9_900,       # per latent pixel per batch element, SD 1.5 widths (320)
+    "vae_const": 45 * MiB,
+    "vae_per_image_px": 3_970,         # per output pixel (tile or whole image), SD VAE widths (128)
+    "text": 24 * MiB,                  # CLIP-L over 77 tokens, batch 1 (measured 11 MB)
 }
-BASE_BYTES = 300 * MiB                 # python + torch + sdlite imported, code pages touched
-MIN_STREAM_BYTES = 96 * MiB            # page cache a streamed stage needs for its current layers
+BASE_BYTES = 260 * MiB                 # python + torch + sdlite imported: 164 MB anon + 93 MB file
+MIN_STREAM_BYTES = 128 * MiB           # page cache a streamed stage needs for its current layers
 
 
 class PlanError(SdliteError):
@@ -82,6 +88,7 @@ class ModelSizes:
     unet_channels: int
     vae_factor: int
     latent_channels: int
+    vae_channels: int = 128
 
     @classmethod
     def of(cls, folder: ModelFolder) -> "ModelSizes":
@@ -89,7 +96,7 @@ class ModelSizes:
         ucfg, vcfg = unet_config(folder), vae_config(folder)
         return cls(ComponentSize.of(folder, "text_encoder"), ComponentSize.of(folder, "unet"),
                    ComponentSize.of(folder, "vae"), ucfg.block_out_channels[0],
-                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels)
+                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels, vcfg.block_out_channels[0])
 
     def component(self, name: str) -> ComponentSize:
         return getattr(self, name)
@@ -135,51 +142,65 @@ def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: 
         batch = 1 if plan.cfg == "split" else 2
         px = (width // f) * (height // f)
         scale = sizes.unet_channels / 320
-        return int(ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
+        const = ACTIVATION_BYTES["unet_const_x_largest_layer"] * sizes.unet.largest_layer_fp32
+        return int(const + ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
+    scale = sizes.vae_channels / 128
+    const = ACTIVATION_BYTES["vae_const"]
     if plan.vae_tile:
         tw = min(plan.vae_tile, width // f) * f
         th = min(plan.vae_tile, height // f) * f
-        px = tw * th
         px_out = width * height  # the blended output and its weights (fp32)
-        return int(ACTIVATION_BYTES["vae_per_image_px"] * px + 16 * px_out)
-    return int(ACTIVATION_BYTES["vae_per_image_px"] * width * height)
+        return int(const + ACTIVATION_BYTES["vae_per_image_px"] * scale * tw * th + 16 * px_out)
+    return int(const + ACTIVATION_BYTES["vae_per_image_px"] * scale * width * height)
 
 
 STAGES = ("text_encoder", "unet", "vae")
 
 
+def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: int) -> tuple[int, int]:
+    """(anonymous bytes, file-backed bytes) a stage wants resident at its peak."""
+    c = sizes.component(stage)
+    lazy = c.lazy and plan.weights_mode == "lazy"
+    anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
+    if lazy:
+        anon += c.largest_layer_fp32 + c.small_fp32_bytes
+    elif c.lazy:
+        anon += c.fp32_bytes  # materialized copies
+    file_bytes = 0 if (c.lazy and not lazy) else c.stored_bytes
+    if plan.residency == "all":
+        for other in STAGES:
+            if other == stage:
+                continue
+            oc = sizes.component(other)
+            if oc.lazy and plan.weights_mode == "materialize":
+                anon += oc.fp32_bytes
+            else:
+                file_bytes += oc.stored_bytes
+                if oc.lazy:
+                    anon += oc.small_fp32_bytes
+    return int(anon), int(file_bytes)
+
+
 def estimate(sizes: ModelSizes, plan: Plan, width: int, height: int, budget: int | None = None
              ) -> tuple[dict, list]:
-    """Peak bytes per stage for `plan`, and which stages must stream their weights."""
+    """Peak bytes per stage for `plan`, and which stages must stream their weights (their mapped
+    pages do not all fit next to the anonymous memory, so the kernel recycles them)."""
     estimates, streamed = {}, []
     for stage in STAGES:
-        c = sizes.component(stage)
-        lazy = c.lazy and plan.weights_mode == "lazy"
-        anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
-        if lazy:
-            anon += c.largest_layer_fp32 + c.small_fp32_bytes
-        elif c.lazy:
-            anon += c.fp32_bytes  # materialized copies
-        # weights kept by other stages
-        others = 0
-        if plan.residency == "all":
-            for o in STAGES:
-                if o != stage:
-                    oc = sizes.component(o)
-                    others += oc.stored_bytes if (oc.lazy and plan.weights_mode == "lazy") or not oc.lazy \
-                        else oc.fp32_bytes
-        anon_total = anon + (others if plan.residency == "all" and plan.weights_mode == "materialize"
-                             else 0)
-        file_bytes = c.stored_bytes if (lazy or not c.lazy) else 0
-        if plan.residency == "all" and plan.weights_mode != "materialize":
-            file_bytes += others
-        want = anon_total + file_bytes
-        if budget is not None and want > budget:
-            if anon_total + MIN_STREAM_BYTES <= budget and file_bytes > 0:
-                streamed.append(stage)
-                want = budget  # the page cache fills up to the limit and is recycled
+        anon, file_bytes = stage_needs(sizes, plan, stage, width, height)
+        want = anon + file_bytes
+        if budget is not None and want > budget and anon + MIN_STREAM_BYTES <= budget and file_bytes:
+            streamed.append(stage)
+            want = budget  # the page cache fills up to the limit and is recycled
         estimates[stage] = int(want)
     return estimates, streamed
+
+
+def reread_per_step(sizes: ModelSizes, plan: Plan, width: int, height: int, budget: int) -> int:
+    """Bytes of UNet weights read again from disk on every step when the UNet stage streams."""
+    anon, file_bytes = stage_needs(sizes, plan, "unet", width, height)
+    deficit = max(0, anon + file_bytes - budget)
+    return deficit * (2 if plan.cfg == "split" else 1)
 
 
 def candidates(sizes: ModelSizes, width: int, height: int):
@@ -197,8 +218,9 @@ def candidates(sizes: ModelSizes, width: int, height: int):
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
               sizes: ModelSizes | None = None) -> Plan:
-    """The fastest plan whose estimated peak fits `budget` without streaming if possible, else the
-    fastest that fits by streaming weights; PlanError with the smallest budget that would fit."""
+    """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
+    else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
+    that would fit when none does."""
     if not isinstance(folder, ModelFolder):
         folder = ModelFolder.open(folder)
     sizes = sizes or ModelSizes.of(folder)
@@ -206,24 +228,23 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
         plan = Plan(width=width, height=height)
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
         return plan
-    streaming_fit = None
-    smallest = None
-    for plan in candidates(sizes, width, height):
+    best, best_cost, smallest = None, None, None
+    for order, plan in enumerate(candidates(sizes, width, height)):
         est, streamed = estimate(sizes, plan, width, height, budget)
         plan.estimates, plan.streamed, plan.budget = est, streamed, budget
         plan.width, plan.height = width, height
-        fits = all(v <= budget for v in est.values())
-        if fits and not streamed:
-            return plan
-        if fits and streaming_fit is None:
-            streaming_fit = plan
+        if all(v <= budget for v in est.values()):
+            if not streamed:
+                return plan
+            cost = (reread_per_step(sizes, plan, width, height, budget), order)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = plan, cost
         full, _ = estimate(sizes, plan, width, height)
-        need = max(full.values())
         stream_need = max(_anon_only(sizes, plan, width, height).values()) + MIN_STREAM_BYTES
-        need = min(need, stream_need)
+        need = min(max(full.values()), stream_need)
         smallest = need if smallest is None else min(smallest, need)
-    if streaming_fit is not None:
-        return streaming_fit
+    if best is not None:
+        return best
     raise PlanError(
         f"a {width}x{height} generation does not fit in {fmt_bytes(budget)}: the leanest plan needs "
         f"about {fmt_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M, a smaller "
@@ -231,17 +252,7 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
 
 
 def _anon_only(sizes: ModelSizes, plan: Plan, width: int, height: int) -> dict:
-    out = {}
-    for stage in STAGES:
-        c = sizes.component(stage)
-        lazy = c.lazy and plan.weights_mode == "lazy"
-        anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
-        if lazy:
-            anon += c.largest_layer_fp32 + c.small_fp32_bytes
-        elif c.lazy:
-            anon += c.fp32_bytes
-        out[stage] = anon
-    return out
+    return {stage: stage_needs(sizes, plan, stage, width, height)[0] for stage in STAGES}
 
 
 def fmt_bytes(n: int) -> str:

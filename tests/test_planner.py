@@ -1,0 +1,89 @@
+"""The planner: fits what fits, refuses up front with the budget that would, and the profiler."""
+
+import json
+
+import pytest
+
+from sdlite.cli import main
+from sdlite.pipeline import Pipeline
+from sdlite.runtime.planner import MiB, ModelSizes, PlanError, make_plan, parse_bytes
+from sdlite.weights.model_folder import ModelFolder
+
+
+def test_parse_bytes():
+    assert parse_bytes("1.5G") == int(1.5 * 1024**3)
+    assert parse_bytes("768M") == 768 * MiB
+    assert parse_bytes("512MiB") == 512 * MiB
+    assert parse_bytes("2GB") == 2 * 1024**3
+    for bad in ("", "abc", "-1G", "0", "nanM"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_unlimited_plan_keeps_everything_resident(tiny_model):
+    plan = make_plan(tiny_model, None, 64, 64)
+    assert plan.residency == "all" and plan.cfg == "batch" and plan.vae_tile is None
+    assert not plan.streamed
+
+
+def test_estimates_shrink_with_the_budget(tiny_model):
+    sizes = ModelSizes.of(ModelFolder.open(tiny_model))
+    big = make_plan(tiny_model, 8 * 1024 * MiB, 1024, 1024, sizes=sizes)
+    assert big.peak() <= 8 * 1024 * MiB
+    budgets = [8192, 2048, 1024, 600]
+    peaks = []
+    for b in budgets:
+        plan = make_plan(tiny_model, b * MiB, 1024, 1024, sizes=sizes)
+        assert all(v <= b * MiB for v in plan.estimates.values())
+        peaks.append(plan.peak())
+    assert peaks == sorted(peaks, reverse=True)
+    lean = make_plan(tiny_model, 600 * MiB, 1024, 1024, sizes=sizes)
+    assert lean.vae_tile is not None  # a 1024x1024 VAE decode must be tiled to fit here
+
+
+def test_impossible_budget_is_refused_with_the_budget_that_fits(tiny_model):
+    with pytest.raises(PlanError) as exc:
+        make_plan(tiny_model, 100 * MiB, 64, 64)
+    msg = str(exc.value)
+    assert "does not fit in 100 MiB" in msg and "--memory-budget" in msg
+    suggested = int(msg.split("--memory-budget ")[1].split("M")[0])
+    assert make_plan(tiny_model, suggested * MiB, 64, 64).peak() <= suggested * MiB
+
+
+def test_refusal_happens_before_loading(tiny_model, monkeypatch):
+    import sdlite.runtime.components as comp
+    monkeypatch.setitem(comp.LOADERS, "unet", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(PlanError):
+        Pipeline.load(tiny_model, memory_budget="100M")
+
+
+def test_cli_refuses_with_exit_2(tiny_model, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    code = main(["generate", "x", "-m", str(tiny_model), "-o", str(out), "--memory-budget", "100M", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit" in err and not out.exists()
+    code = main(["generate", "x", "-m", str(tiny_model), "-o", str(out), "--memory-budget", "lots"])
+    assert code == 2
+
+
+def test_info_prints_plans(tiny_model, capsys):
+    assert main(["info", str(tiny_model), "--memory-budget", "2G", "--memory-budget", "100M"]) == 0
+    out = capsys.readouterr().out
+    assert "2.00 GiB:" in out and "residency=" in out and "does not fit" in out
+
+
+def test_profile_trace_and_verbose_table(tiny_model, tmp_path, capsys):
+    out, trace = tmp_path / "o.png", tmp_path / "t.json"
+    code = main(["generate", "x", "-m", str(tiny_model), "-o", str(out), "--steps", "3", "-W", "32",
+                 "-H", "32", "-q", "-v", "--profile", str(trace), "--memory-budget", "4G"])
+    err = capsys.readouterr().err
+    assert code == 0
+    for stage in ("load", "encode", "step 1", "step 3", "decode", "save", "anon MB"):
+        assert stage in err
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["name"] for e in events if e["ph"] == "X"}
+    assert {"load", "encode", "step 1", "step 2", "step 3", "decode", "save"} <= names
+    counters = [e for e in events if e["ph"] == "C"]
+    assert counters and all(e["args"]["anon_mb"] > 0 for e in counters)
+    xs = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] > 0 for e in xs)
