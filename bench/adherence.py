@@ -24,47 +24,65 @@ from pathlib import Path
 import torch
 
 from sdlite.pipeline import Pipeline
-from sdlite.train.adherence import cast_weights_fp16, cast_weights_int8, run_adherence
+from sdlite.train.adherence import run_adherence
 from sdlite.train.shapes import bench_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "src" / "sdlite" / "assets" / "sdlite-shapes"
 
 
-def load(model: Path, weights: str, lever: str | None, threads: int) -> Pipeline:
-    if weights == "fp16-compute":
-        pipe = Pipeline.load(model, dtype=torch.float16, threads=threads)
-    else:
-        pipe = Pipeline.load(model, threads=threads)
-    if weights == "fp16":
-        cast_weights_fp16(pipe)
-    elif weights == "int8":
-        cast_weights_int8(pipe)
-    if lever is not None:
-        apply_lever(pipe, lever)
+_CONVERTED: dict[tuple[Path, str], Path] = {}
+
+
+def weights_folder(model: Path, weights: str, scratch: Path) -> Path:
+    """The model with its weights stored as `weights` (sdlite convert), made once per run."""
+    if weights == "stored":
+        return model
+    key = (model, weights)
+    if key not in _CONVERTED:
+        from sdlite.runtime.convert import convert_model
+        dst = scratch / f"{model.name}-{weights}"
+        if not dst.exists():
+            convert_model(model, dst, weights)
+        _CONVERTED[key] = dst
+    return _CONVERTED[key]
+
+
+# lever name -> (Plan changes, attention slice size or None)
+LEVERS = {
+    "cfg_split": ({"cfg": "split"}, None),
+    "staged": ({"residency": "staged"}, None),
+    "tiled_vae": ({"vae_tile": 8, "vae_overlap": 4}, None),
+    "sliced_attention": ({"attention": "sliced"}, 16),
+    "no_kv_cache": ({"kv_cache": False}, None),
+    "materialize": ({"weights_mode": "materialize"}, None),
+}
+
+
+def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Path) -> Pipeline:
+    from sdlite.runtime.planner import Plan
+    folder = weights_folder(model, "fp16" if weights == "fp16-compute" else weights, scratch)
+    changes, chunk = LEVERS[lever] if lever else ({}, None)
+    plan = Plan(width=64, height=64, **changes)
+    dtype = torch.float16 if weights == "fp16-compute" else torch.float32
+    pipe = Pipeline.load(folder, plan=plan, dtype=dtype, threads=threads)
+    if chunk is not None:  # slices smaller than this model's token counts, so that slicing happens
+        from sdlite.runtime.attention import set_attention
+        for part in (pipe.text_encoder, pipe.unet, pipe.vae):
+            set_attention(part.module, "sliced", chunk=chunk)
+        pipe._attention_chunk = chunk
     return pipe
 
 
-def apply_lever(pipe: Pipeline, lever: str) -> None:
-    """Memory levers of `sdlite.runtime`, where it has them."""
-    try:
-        from sdlite import runtime
-    except ImportError as exc:  # pragma: no cover
-        raise SystemExit(f"lever {lever}: sdlite.runtime is missing ({exc})")
-    fn = getattr(runtime, f"enable_{lever}", None)
-    if fn is None:
-        raise SystemExit(f"lever {lever}: sdlite.runtime has no enable_{lever}(pipe)")
-    fn(pipe)
-
-
 def one(model: Path, n: int, steps: int, sampler: str, cfg: float, weights: str, lever: str | None,
-        threads: int, label: str | None = None) -> dict:
-    pipe = load(model, weights, lever, threads)
+        threads: int, scratch: Path, label: str | None = None) -> dict:
+    pipe = load(model, weights, lever, threads, scratch)
     prompts = bench_prompts(n)
     summary = run_adherence(pipe, prompts, steps=steps, sampler=sampler, cfg_scale=cfg)
     summary.pop("outcomes")
     pipe.close()
-    row = {"bench": "adherence", "label": label or f"{sampler} {steps} steps, {weights}",
+    row = {"bench": "adherence", "label": label or f"{sampler} {steps} steps, weights {weights}"
+           + (f", lever {lever}" if lever else ""),
            "sampler": sampler, "steps": steps, "cfg_scale": cfg, "weights": weights, "lever": lever,
            "n": n, **summary}
     print(json.dumps(row), flush=True)
@@ -82,9 +100,10 @@ MATRIX = [
     ("Euler 20", "euler", 20, "stored", None),
     ("Euler a 10", "euler_a", 10, "stored", None),
     ("Euler a 20", "euler_a", 20, "stored", None),
-    ("int8 weights (per-channel), DPM++ 2M 20", "dpm++2m", 20, "int8", None),
-    ("fp16 compute, DPM++ 2M 20", "dpm++2m", 20, "fp16-compute", None),
-]
+    ("int8 weights (UNet + text encoder), DPM++ 2M 20", "dpm++2m", 20, "int8", None),
+    ("fp16 weights and compute, DPM++ 2M 20", "dpm++2m", 20, "fp16-compute", None),   # slow on CPU: capped
+] + [(f"lever {lv}, DPM++ 2M 20", "dpm++2m", 20, "stored", lv) for lv in LEVERS]
+CAPPED = {"fp16-compute": 50}
 
 
 def pct(v) -> str:
@@ -122,32 +141,49 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--cfg-scale", type=float, default=7.5)
-    p.add_argument("--weights", choices=("stored", "fp16", "int8", "fp16-compute"), default="stored",
-                   help="stored: as in the folder (fp16), computed in fp32; int8: rounded to int8 per "
-                        "output channel; fp16-compute: fp16 weights and activations")
-    p.add_argument("--lever", help="a memory lever of sdlite.runtime (enable_<lever>(pipe))")
+    p.add_argument("--weights", choices=("stored", "fp32", "fp16", "int8", "fp16-compute"), default="stored",
+                   help="stored: as in the folder (the shipped model: fp16), computed in fp32; fp32/fp16/int8: "
+                        "converted with `sdlite convert`; fp16-compute: fp16 weights and activations")
+    p.add_argument("--lever", choices=sorted(LEVERS), help="a memory lever of the runtime's plan")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matrix", action="store_true", help="every configuration of the model card table")
-    p.add_argument("--levers", nargs="*", default=[], help="with --matrix: levers to add as rows")
+    p.add_argument("--only", nargs="*", help="with --matrix: only rows whose label contains one of these")
+    p.add_argument("--scratch", type=Path, default=Path("/tmp/sdlite-adherence"),
+                   help="where converted weight folders go")
     p.add_argument("--card", type=Path, help="with --matrix: model card whose table to rewrite")
     p.add_argument("--jsonl", type=Path, help="append the JSON lines here too")
     a = p.parse_args(argv)
 
     rows = []
     t0 = time.perf_counter()
-    configs = MATRIX + [(f"lever {lv}, DPM++ 2M 20", "dpm++2m", 20, "stored", lv) for lv in a.levers] \
-        if a.matrix else [(None, a.sampler, a.steps, a.weights, a.lever)]
+    configs = MATRIX if a.matrix else [(None, a.sampler, a.steps, a.weights, a.lever)]
+    if a.only:
+        configs = [c for c in configs if any(o in c[0] for o in a.only)]
+    a.scratch.mkdir(parents=True, exist_ok=True)
     for label, sampler, steps, weights, lever in configs:
-        row = one(a.model, a.n, steps, sampler, a.cfg_scale, weights, lever, a.threads, label)
+        n = min(a.n, CAPPED.get(weights, a.n)) if a.matrix else a.n
+        row = one(a.model.resolve(), n, steps, sampler, a.cfg_scale, weights, lever, a.threads, a.scratch,
+                  label)
         rows.append(row)
         if a.jsonl:
             with a.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     if a.card:
-        note = (f"`python bench/adherence.py --matrix -n {a.n}` (cfg scale {a.cfg_scale:g}, "
-                f"{a.threads} threads, {time.strftime('%Y-%m-%d')}); accuracies in %; the first columns "
-                "are prompts whose combination was seen in training, then held-out combinations.")
-        update_card(a.card, rows, note)
+        # merge with the rows measured before (by label), in the matrix's order
+        store = a.card.parent / "adherence.json"
+        old = json.loads(store.read_text()) if store.exists() else []
+        by_label = {r["label"]: r for r in old}
+        by_label.update({r["label"]: r for r in rows})
+        order = [c[0] for c in MATRIX]
+        merged = sorted(by_label.values(), key=lambda r: order.index(r["label"]) if r["label"] in order
+                        else len(order))
+        store.write_text(json.dumps(merged, indent=1) + "\n")
+        note = (f"`python bench/adherence.py --matrix -n {a.n} --card {a.card}` (cfg scale {a.cfg_scale:g}, "
+                f"{a.threads} threads, 64x64); accuracies in %; fp16 compute is slow on CPU, so that row uses "
+                f"the first {CAPPED['fp16-compute']} prompts. The first columns are prompts whose "
+                "(color, kind, background) combination was seen in training; then held-out combinations. "
+                "Position and size count only prompts that name them; *all* = every named attribute right.")
+        update_card(a.card, merged, note)
     print(f"# {len(rows)} configurations in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

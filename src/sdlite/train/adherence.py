@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from .shapes import Prompt, bench_prompts, check_image
 
 ATTRIBUTES = ("background", "color", "shape", "position", "size", "all")
@@ -65,7 +63,7 @@ def run_adherence(pipe, prompts: list[Prompt] | None = None, *, n: int = 200, st
     `seconds_per_image`, and `outcomes` / `images` lists."""
     prompts = bench_prompts(n) if prompts is None else prompts
     if size is None:
-        size = pipe.unet.module.config.sample_size * pipe.vae_scale_factor
+        size = pipe.native_size
     outcomes, images = [], []
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -83,31 +81,3 @@ def run_adherence(pipe, prompts: list[Prompt] | None = None, *, n: int = 200, st
     if keep_images:
         summary["images"] = images
     return summary
-
-
-# --- weight storage, simulated where the runtime has no lever of its own ---------------------------
-
-def _modules(pipe):
-    return [pipe.text_encoder.module, pipe.unet.module, pipe.vae.module]
-
-
-def cast_weights_fp16(pipe) -> None:
-    """Round every weight to fp16 and back (what fp16 storage keeps), computing in fp32."""
-    with torch.no_grad():
-        for m in _modules(pipe):
-            for p in m.parameters():
-                p.data = p.data.to(torch.float16).to(p.dtype)
-
-
-def cast_weights_int8(pipe) -> None:
-    """Quantize each Linear/Conv2d weight to int8 with a per-output-channel scale (symmetric) and
-    dequantize it back: the precision int8 storage keeps. Biases, norms and embeddings stay."""
-    with torch.no_grad():
-        for m in _modules(pipe):
-            for layer in m.modules():
-                if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-                    w = layer.weight.data.float()
-                    flat = w.reshape(w.shape[0], -1)
-                    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-                    q = torch.round(flat / scale[:, None]).clamp(-127, 127)
-                    layer.weight.data = (q * scale[:, None]).reshape(w.shape).to(layer.weight.dtype)
