@@ -97,10 +97,29 @@ def server_args(*extra):
     return ("--threads", "1", "--max-steps", "1000", *extra)
 
 
+def budget_for(model) -> int | None:
+    """A memory budget that fits 128x128 generations of `model` but not 1024x1024 (None if the planner
+    finds no such budget)."""
+    from sdlite.runtime.planner import PlanError, make_plan
+    budget = int(make_plan(model, None, 128, 128).peak() * 1.05)
+    try:
+        make_plan(model, budget, 1024, 1024)
+    except PlanError:
+        return budget
+    return None
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def budget(tiny_model):
+    return budget_for(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, budget):
+    extra = ("--memory-budget", str(budget)) if budget else ()
     with ServerProcess(tiny_model, *server_args("--queue-size", "1", "--max-images", "3",
-                                                "--breaker-failures", "0", "--oom-score-adj", "7")) as s:
+                                                "--breaker-failures", "0", "--oom-score-adj", "7",
+                                                *extra)) as s:
         yield s
 
 
@@ -216,6 +235,22 @@ def test_http_health_and_metrics(server):
         assert name in m, name
     assert m["sdlite_slots"] == 1 and m["sdlite_queue_capacity"] == 1
     assert m["sdlite_peak_rss_bytes"] > 50e6 and m["sdlite_steps_total"] > 0
+
+
+def test_size_that_does_not_fit_the_memory_budget_is_refused_at_once(server, stub, budget):
+    if budget is None:
+        pytest.skip("the planner fits 1024x1024 of the tiny model in any budget that fits 128x128")
+    assert "memory plan for" in server.log()
+    big = dict(SMALL, width=1024, height=1024)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Generate(pb.GenerateRequest(**big), timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("width: ") and "does not fit" in exc.value.details()
+    status, _, r = http_request(server, "POST", "/sdapi/v1/txt2img", big)
+    assert status == 422 and r["field"] == "width"
+    status, _, r = http_request(server, "POST", "/v1/images/generations", {"prompt": "p", "size": "1024x1024"})
+    assert status == 400 and r["error"]["param"] == "size"
+    assert stub.Generate(pb.GenerateRequest(**SMALL), timeout=60).png
 
 
 def test_oom_score_adj_applied(server):

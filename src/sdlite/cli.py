@@ -317,6 +317,8 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
     s.add_argument("--port-file", help='write {"grpc": PORT, "http": PORT, "pid": PID} here when ready')
     s.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    s.add_argument("--memory-budget", type=byte_size, default=None,
+                   help="e.g. 1.5G: the memory planner picks the levers; sizes that cannot fit are refused")
     s.add_argument("--max-concurrency", type=positive_int, default=None,
                    help="generations at once (default: from the memory plan; 1 until the planner lands)")
     s.add_argument("--queue-size", type=non_negative_int, default=4,
@@ -378,7 +380,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(resolve_model(args.model), host=args.host, grpc_port=args.grpc_port,
                          http_port=args.http_port,
                          port_file=Path(args.port_file) if args.port_file else None,
-                         threads=args.threads, max_concurrency=args.max_concurrency,
+                         threads=args.threads, memory_budget=args.memory_budget,
+                         max_concurrency=args.max_concurrency,
                          queue_size=args.queue_size, default_deadline=args.default_deadline,
                          max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,
                          breaker_cooldown=args.breaker_cooldown, grace=args.grace,

@@ -53,13 +53,14 @@ class ServeError(Exception):
 
 
 def plan_concurrency(pipe, max_concurrency: int | None) -> int:
-    """How many generations may run at once.
+    """How many generations may run at once: the one place where the memory plan decides concurrency.
 
-    This is where the memory planner (`sdlite.runtime`) plugs in: given the loaded pipeline (its weights'
-    resident size) and the memory budget, it should return how many jobs of the largest admitted size fit
-    beside each other (1 on a small budget). Until it exists, the operator's `--max-concurrency` decides,
-    default 1. Note that `Pipeline.run` holds a lock, so with one Pipeline jobs beyond the first wait there
-    for their turn (memory stays that of one job); real parallelism needs the planner's per-job budget.
+    The planner (`pipe.plan`, made by `Pipeline.load(memory_budget=...)`) fits the peak of *one*
+    generation into the budget, and one Pipeline runs one generation at a time (`Pipeline.run` holds a
+    lock), so the plan's answer is 1 for every budget today. When the pipeline can run generations side by
+    side, return here how many fit: (budget - memory shared by all jobs) // one job's activations, from
+    `pipe.plan.estimates`. An explicit `--max-concurrency` overrides (jobs beyond the first still wait on
+    the pipeline's lock, so memory stays that of one job).
     """
     if max_concurrency is not None:
         return max(1, int(max_concurrency))
@@ -209,11 +210,23 @@ class Executor:
                                                                            self.max_deadline)
         return time.monotonic() + timeout
 
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Refuse at once (INVALID_ARGUMENT, field width) a size the memory plan cannot fit."""
+        plan_for = getattr(self.pipe, "plan_for", None)
+        if plan_for is None:
+            return
+        try:
+            plan_for(request.width, request.height)
+        except SdliteError as exc:  # PlanError
+            raise ServeError(INVALID_ARGUMENT, f"width: {exc}", field="width") from None
+
     def submit(self, request: GenerationRequest, n: int = 1, *, timeout: float | None = None,
                listener: Callable[[Event], None] | None = None) -> Job:
-        """Admit a job or raise ServeError (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)."""
+        """Admit a job or raise ServeError (INVALID_ARGUMENT for a size the plan cannot fit,
+        UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)."""
         if timeout is not None and timeout <= 0:
             raise ServeError(DEADLINE_EXCEEDED, "deadline already passed")
+        self.check_fits(request)
         job = Job(request, n, self.deadline_for(timeout), listener)
         with self._cond:
             if self._draining:
@@ -318,7 +331,7 @@ class Executor:
                 t0 = time.perf_counter()
                 png = encode_png(result)
                 result.timings.append(StageTiming("png", time.perf_counter() - t0))
-                result.latents = None
+                result.latents = result.profile = None
                 images.append(Image(png, result))
                 done_steps += request.steps
             queue_s = job.started_at - job.admitted_at

@@ -34,9 +34,11 @@ class Defaults:
 
     @classmethod
     def for_pipeline(cls, pipe) -> "Defaults":
-        native = pipe.unet.module.config.sample_size * pipe.vae_scale_factor
-        return cls(width=native, height=native,
-                   text_layers=pipe.text_encoder.module.config.num_hidden_layers)
+        """From the model's configs, without loading a network (a staged plan loads them per job)."""
+        native = getattr(pipe, "native_size", None) \
+            or pipe.unet.module.config.sample_size * pipe.vae_scale_factor
+        text = getattr(pipe, "text_config", None) or pipe.text_encoder.module.config
+        return cls(width=native, height=native, text_layers=text.num_hidden_layers)
 
 
 def _integer(name: str, value) -> int:

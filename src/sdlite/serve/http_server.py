@@ -237,17 +237,23 @@ class Handler(BaseHTTPRequestHandler):
         except InvalidRequest as exc:
             name = rename.get(exc.field, exc.field)
             raise BadField(name, str(exc).split(": ", 1)[-1]) from None
-        job = app.executor.submit(request, n, timeout=timeout)
         try:
-            while not job.wait(timeout=max(0.0, min(0.25, job.remaining()))):
-                if job.remaining() <= 0:
-                    app.executor.cancel(job, DEADLINE_EXCEEDED, "deadline exceeded")
-                elif self._client_gone():
-                    app.executor.cancel(job, CANCELLED, "client disconnected")
-        except BaseException:
-            app.executor.cancel(job, CANCELLED, "handler failed")
+            job = app.executor.submit(request, n, timeout=timeout)
+            try:
+                while not job.wait(timeout=max(0.0, min(0.25, job.remaining()))):
+                    if job.remaining() <= 0:
+                        app.executor.cancel(job, DEADLINE_EXCEEDED, "deadline exceeded")
+                    elif self._client_gone():
+                        app.executor.cancel(job, CANCELLED, "client disconnected")
+            except BaseException:
+                app.executor.cancel(job, CANCELLED, "handler failed")
+                raise
+            return job, job.outcome()
+        except ServeError as exc:
+            if exc.code == INVALID_ARGUMENT and exc.field:  # e.g. a size the memory plan cannot fit
+                name = rename.get(exc.field, exc.field)
+                raise BadField(name, exc.message.split(": ", 1)[-1]) from None
             raise
-        return job, job.outcome()
 
     # --- routes --------------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 class ServerProcess:
     def __init__(self, model, *args: str, python: str = sys.executable, startup_timeout: float = 90.0,
-                 stop_timeout: float = 20.0, env: dict | None = None):
+                 stop_timeout: float = 20.0, env: dict | None = None, preexec_fn=None):
         self.model, self.args, self.python = str(model), list(args), python
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self.env = env
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. join a memory cgroup)
         self._dir = tempfile.TemporaryDirectory(prefix="sdlite-serve-")
         self.port_file = Path(self._dir.name) / "ports.json"
         self.log_path = Path(self._dir.name) / "server.log"
@@ -64,7 +65,7 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True, preexec_fn=self.preexec_fn)
         end = time.monotonic() + self.startup_timeout
         while time.monotonic() < end:
             if self.port_file.exists():

@@ -80,7 +80,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     if config.oom_score_adj is not None:
         apply_oom_score_adj(config.oom_score_adj)
     t0 = time.perf_counter()
-    pipe = Pipeline.load(config.model, threads=config.threads)
+    budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
+    pipe = Pipeline.load(config.model, threads=config.threads, **budget)
     try:
         defaults = Defaults.for_pipeline(pipe)
         if warmup and not stop.is_set():
@@ -120,6 +121,9 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
             fe.start()
         print(f"sdlite serve: model {pipe.folder.name} loaded in {load_s:.1f}s; {slots} slot(s), "
               f"queue {config.queue_size}, native size {defaults.width}x{defaults.height}", file=out)
+        plan = getattr(pipe, "plan", None)
+        if plan is not None and getattr(plan, "budget", None):
+            print(f"sdlite serve: memory plan for {plan.budget / 2**30:.2f} GiB: {plan.describe()}", file=out)
         for name, fe in front_ends:
             print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
         out.flush()

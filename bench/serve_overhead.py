@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""`sdlite serve`: service overhead at 1 client, and behaviour with more clients than slots (issue 5).
+
+Prints one JSON line per result.
+
+    .venv/bin/python bench/serve_overhead.py                  # tiny random model, 64x64, 20 steps
+    .venv/bin/python bench/serve_overhead.py --model /tmp/sd15 --size 256 --steps 10 --repeats 3 \\
+        --overload-requests 12 --memory-budget 6G             # SD 1.5-size random model
+
+1. overhead: the same request (fixed seed) run by `Pipeline.run` in this process and through the server
+   (gRPC Generate, HTTP A1111 txt2img), interleaved so that drifting background load hits all three alike;
+   overhead = median(service) / median(direct) - 1 (target <= 5% at 1 client). The service's time includes
+   PNG encoding, transport and (HTTP) base64 + JSON: everything a client pays for.
+2. overload: a server with --max-concurrency SLOTS and --queue-size QUEUE, driven by 4 x SLOTS closed-loop
+   gRPC clients (`sdlite loadtest`). Checks: no OOM kill and the server still up, excess shed with
+   RESOURCE_EXHAUSTED, p99 of accepted requests <= depth x single latency x 1.2 where depth = SLOTS + QUEUE
+   (the most admitted requests at once), and peak memory within --memory-budget. With root and a memory
+   cgroup controller the server runs in a fresh memory cgroup limited to the budget, so "within budget" is
+   what the kernel charged (anon + page cache of the mapped weights); otherwise peak RSS is compared.
+
+The CPU is shared: run on a quiet machine (load average < 0.5); the first line reports the load seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from sdlite.loadtest import Target, run_loadtest
+from sdlite.pipeline import GenerationRequest, Pipeline
+from sdlite.serve import sdlite_pb2 as pb
+from sdlite.serve import sdlite_pb2_grpc as pb_grpc
+from sdlite.serve.process import ServerProcess
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib").rstrip("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup (v2 or v1) with a limit; None from create() where it cannot be made."""
+
+    def __init__(self, path: Path, v2: bool):
+        self.path, self.v2 = path, v2
+
+    @classmethod
+    def create(cls, limit: int) -> "MemoryCgroup | None":
+        name = f"sdlite-serve-bench-{uuid.uuid4().hex[:8]}"
+        candidates = [(Path("/sys/fs/cgroup") / name, True, "memory.max"),
+                      (Path("/sys/fs/cgroup/memory") / name, False, "memory.limit_in_bytes")]
+        for path, v2, limit_file in candidates:
+            if not (path.parent / ("cgroup.controllers" if v2 else "memory.limit_in_bytes")).exists():
+                continue
+            if v2 and "memory" not in (path.parent / "cgroup.controllers").read_text().split():
+                continue
+            try:
+                path.mkdir()
+                (path / limit_file).write_text(str(limit))
+                if not v2:
+                    try:
+                        (path / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no swap escape
+                    except OSError:
+                        pass
+                return cls(path, v2)
+            except OSError:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        return None
+
+    def join_fn(self):
+        procs = str(self.path / "cgroup.procs")
+
+        def join():  # in the child, before exec
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return join
+
+    def peak(self) -> int | None:
+        f = self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return int(f.read_text()) if f.exists() else None
+
+    def oom_kills(self) -> int:
+        f = self.path / ("memory.events" if self.v2 else "memory.oom_control")
+        for line in f.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def http_txt2img(port: int, body: dict) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/sdapi/v1/txt2img", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        dt = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {data[:200]!r}")
+        return dt
+    finally:
+        conn.close()
+
+
+def metrics_of(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def overhead(args, model: Path) -> None:
+    req = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size, seed=1234,
+               sampler=args.sampler)
+    pipe = Pipeline.load(model, threads=args.threads)
+    direct_req = lambda: GenerationRequest(**req)  # noqa: E731
+    pipe.run(direct_req())  # warm-up
+    times = {"direct": [], "grpc": [], "http": []}
+    server_args = ("--threads", str(args.threads), "--max-concurrency", "1", "--queue-size", "1",
+                   "--max-steps", str(max(150, args.steps)), "--max-width", str(max(1024, args.size)),
+                   "--max-height", str(max(1024, args.size)))
+    with ServerProcess(model, *server_args, startup_timeout=1800) as server, \
+            grpc.insecure_channel(server.grpc_target,
+                                  options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.TextToImageStub(channel)
+        message = pb.GenerateRequest(**req)
+        a1111 = dict(req, sampler_name=req["sampler"])
+        stub.Generate(message, timeout=3600)  # warm-up both paths
+        http_txt2img(server.http_port, a1111)
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            pipe.run(direct_req())
+            times["direct"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            stub.Generate(message, timeout=3600)
+            times["grpc"].append(time.perf_counter() - t0)
+            times["http"].append(http_txt2img(server.http_port, a1111))
+    pipe.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for path, v in times.items():
+        emit(bench="serve_overhead", path=path, model=model.name, size=args.size, steps=args.steps,
+             threads=args.threads, repeats=len(v), median_s=round(med[path], 4),
+             mean_s=round(statistics.fmean(v), 4), min_s=round(min(v), 4), max_s=round(max(v), 4))
+    for path in ("grpc", "http"):
+        pct = 100 * (med[path] / med["direct"] - 1)
+        emit(bench="serve_overhead", result=f"overhead_{path}", overhead_pct=round(pct, 2),
+             overhead_ms=round(1000 * (med[path] - med["direct"]), 2), target_pct=5.0, ok=pct <= 5.0)
+
+
+def overload(args, model: Path) -> None:
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    cgroup = MemoryCgroup.create(budget) if budget else None
+    clients = args.clients or 4 * args.slots
+    depth = args.slots + args.queue_size
+    server_args = ("--threads", str(args.threads), "--max-concurrency", str(args.slots),
+                   "--queue-size", str(args.queue_size), "--max-steps", str(max(150, args.steps)),
+                   "--max-width", str(max(1024, args.size)), "--max-height", str(max(1024, args.size)))
+    payload = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size,
+                   sampler=args.sampler)
+    server = ServerProcess(model, *server_args, startup_timeout=1800,
+                           preexec_fn=cgroup.join_fn() if cgroup else None)
+    try:
+        server.start()
+        target = Target("grpc", "127.0.0.1", server.grpc_port, "grpc")
+        single = run_loadtest(target, clients=1, requests=3, payload=payload, timeout=3600)
+        single_s = single.percentile(50)
+        report = run_loadtest(target, clients=clients, requests=args.overload_requests, payload=payload,
+                              timeout=3600, retry_wait=args.retry_wait)
+        m = metrics_of(server.http_port)
+        alive = server.proc.poll() is None
+        exit_code = server.stop()
+        cg_peak = cgroup.peak() if cgroup else None
+        oom = cgroup.oom_kills() if cgroup else None
+    finally:
+        server.stop()
+        if cgroup:
+            cgroup.remove()
+    d = report.as_dict()
+    bound = depth * single_s * 1.2
+    peak = cg_peak if cg_peak is not None else m.get("sdlite_peak_rss_bytes")
+    emit(bench="serve_overload", model=model.name, size=args.size, steps=args.steps, threads=args.threads,
+         slots=args.slots, queue_size=args.queue_size, depth=depth, clients=clients,
+         single_s=round(single_s, 4), p50_s=d["p50_s"], p95_s=d["p95_s"], p99_s=d["p99_s"],
+         bound_s=round(bound, 4), p99_within_bound=d["p99_s"] is not None and d["p99_s"] <= bound,
+         statuses=d["statuses"], shed=d["statuses"].get("RESOURCE_EXHAUSTED", 0),
+         throughput_ok_per_s=d["throughput_ok_per_s"], server_alive=alive, exit_code=exit_code,
+         oom_kills=oom, memory="cgroup" if cgroup else "peak_rss",
+         peak_bytes=int(peak) if peak is not None else None,
+         peak_rss_bytes=int(m.get("sdlite_peak_rss_bytes", 0)), budget_bytes=budget,
+         within_budget=None if budget is None or peak is None else peak <= budget)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="model folder (default: a tiny random model in a temp dir)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--queue-size", type=int, default=1)
+    p.add_argument("--clients", type=int, default=None, help="default: 4 x slots")
+    p.add_argument("--overload-requests", type=int, default=40)
+    p.add_argument("--retry-wait", type=float, default=0.1)
+    p.add_argument("--memory-budget", default=None, help="e.g. 3G; a memory cgroup limit where possible")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-overload", action="store_true")
+    args = p.parse_args()
+    emit(bench="serve_env", loadavg=[round(x, 2) for x in os.getloadavg()], cpus=os.cpu_count(),
+         quiet=os.getloadavg()[0] < 0.5)
+    with tempfile.TemporaryDirectory(prefix="sdlite-bench-") as tmp:
+        model = args.model
+        if model is None:
+            from sdlite.random_model import write_random_model
+            model = Path(write_random_model("tiny", Path(tmp) / "tiny", seed=0))
+        if not args.skip_overhead:
+            overhead(args, model)
+        if not args.skip_overload:
+            overload(args, model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
