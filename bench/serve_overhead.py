@@ -5,7 +5,7 @@ Prints one JSON line per result.
 
     .venv/bin/python bench/serve_overhead.py                  # tiny random model, 64x64, 20 steps
     .venv/bin/python bench/serve_overhead.py --model /tmp/sd15 --size 256 --steps 10 --repeats 3 \\
-        --overload-requests 12 --memory-budget 6G             # SD 1.5-size random model
+        --overload-seconds 600 --memory-budget 6G             # SD 1.5-size random model
 
 1. overhead: the same request (fixed seed) run by `Pipeline.run` in this process and through the server
    (gRPC Generate, HTTP A1111 txt2img), interleaved so that drifting background load hits all three alike;
@@ -14,7 +14,8 @@ Prints one JSON line per result.
 2. overload: a server with --max-concurrency SLOTS and --queue-size QUEUE, driven by 4 x SLOTS closed-loop
    gRPC clients (`sdlite loadtest`). Checks: no OOM kill and the server still up, excess shed with
    RESOURCE_EXHAUSTED, p99 of accepted requests <= depth x single latency x 1.2 where depth = SLOTS + QUEUE
-   (the most admitted requests at once), and peak memory within --memory-budget. With root and a memory
+   (the most admitted requests at once), and peak memory within --memory-budget (also given to the server's
+   planner). Clients pause --retry-wait s after a shed answer. With root and a memory
    cgroup controller the server runs in a fresh memory cgroup limited to the budget, so "within budget" is
    what the kernel charged (anon + page cache of the mapped weights); otherwise peak RSS is compared.
 
@@ -193,6 +194,8 @@ def overload(args, model: Path) -> None:
     server_args = ("--threads", str(args.threads), "--max-concurrency", str(args.slots),
                    "--queue-size", str(args.queue_size), "--max-steps", str(max(150, args.steps)),
                    "--max-width", str(max(1024, args.size)), "--max-height", str(max(1024, args.size)))
+    if budget:
+        server_args += ("--memory-budget", str(budget))  # the planner plans for it, the cgroup enforces it
     payload = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size,
                    sampler=args.sampler)
     server = ServerProcess(model, *server_args, startup_timeout=1800,
@@ -202,8 +205,9 @@ def overload(args, model: Path) -> None:
         target = Target("grpc", "127.0.0.1", server.grpc_port, "grpc")
         single = run_loadtest(target, clients=1, requests=3, payload=payload, timeout=3600)
         single_s = single.percentile(50)
-        report = run_loadtest(target, clients=clients, requests=args.overload_requests, payload=payload,
-                              timeout=3600, retry_wait=args.retry_wait)
+        report = run_loadtest(target, clients=clients, duration=args.overload_seconds,
+                              requests=args.overload_requests, payload=payload, timeout=3600,
+                              retry_wait=args.retry_wait)
         m = metrics_of(server.http_port)
         alive = server.proc.poll() is None
         exit_code = server.stop()
@@ -239,7 +243,8 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--queue-size", type=int, default=1)
     p.add_argument("--clients", type=int, default=None, help="default: 4 x slots")
-    p.add_argument("--overload-requests", type=int, default=40)
+    p.add_argument("--overload-seconds", type=float, default=30.0, help="how long the clients send")
+    p.add_argument("--overload-requests", type=int, default=None, help="and/or at most this many")
     p.add_argument("--retry-wait", type=float, default=0.1)
     p.add_argument("--memory-budget", default=None, help="e.g. 3G; a memory cgroup limit where possible")
     p.add_argument("--skip-overhead", action="store_true")

@@ -66,7 +66,8 @@ DEFAULTS = Defaults(width=64, height=64, text_layers=2)
 
 def test_build_request_fills_defaults_and_keeps_values():
     req, n = build_request({"prompt": "a cat"}, LIMITS, DEFAULTS)
-    assert (req.width, req.height, req.steps, req.cfg_scale, req.sampler, n) == (64, 64, 20, 7.5, "dpm++2m", 1)
+    assert (req.width, req.height, req.steps, req.cfg_scale, req.sampler, n) == \
+        (64, 64, 20, 7.5, "dpm++2m", 1)
     assert 0 <= req.seed < 2**32
     req, n = build_request({"prompt": "x", "steps": 3.0, "seed": 2**64 - 1, "sampler": "euler_a", "n": 3,
                             "width": 256, "height": 8, "clip_skip": 1, "cfg_scale": 0}, LIMITS, DEFAULTS)
@@ -94,7 +95,8 @@ def test_a1111_mapping():
     assert a1111_fields({"sampler_name": "DPM++ 2M", "scheduler": "Karras"})["sampler"] == "dpm++2m_karras"
     assert a1111_fields({"sampler_index": "DDIM"})["sampler"] == "ddim"
     assert a1111_fields({"seed": 7})["seed"] == 7
-    for body, field in [({"sampler_name": "Heun"}, "sampler_name"), ({"scheduler": "Exponential"}, "scheduler"),
+    for body, field in [({"sampler_name": "Heun"}, "sampler_name"),
+                        ({"scheduler": "Exponential"}, "scheduler"),
                         ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler"),
                         ({"batch_size": 0}, "batch_size"), ({"n_iter": "2"}, "n_iter"),
                         ({"override_settings": []}, "override_settings"),

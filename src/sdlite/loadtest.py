@@ -39,7 +39,8 @@ class Target:
     api: str     # grpc, a1111 or openai
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}" + ("" if self.scheme == "grpc" else f" ({self.api})")
+        suffix = "" if self.scheme == "grpc" else f" ({self.api})"
+        return f"{self.scheme}://{self.host}:{self.port}{suffix}"
 
 
 def parse_target(url: str, api: str | None = None) -> Target:

@@ -26,7 +26,6 @@ import select
 import socket
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import InvalidRequest
@@ -336,8 +335,8 @@ class Handler(BaseHTTPRequestHandler):
             "sampler_name": SAMPLER_LABELS.get(req.sampler, req.sampler), "cfg_scale": req.cfg_scale,
             "steps": req.steps, "batch_size": n, "restore_faces": False,
             "sd_model_name": self.app.model_name, "clip_skip": req.clip_skip + 1,
-            "infotexts": infotexts, "styles": [], "index_of_first_image": 0, "is_using_inpainting_conditioning":
-            False, "version": "sdlite",
+            "infotexts": infotexts, "styles": [], "index_of_first_image": 0,
+            "is_using_inpainting_conditioning": False, "version": "sdlite",
             "timings": [{t.name: round(t.seconds, 4) for t in im.result.timings} for im in images],
         }
         parameters = dict(body)
@@ -346,7 +345,8 @@ class Handler(BaseHTTPRequestHandler):
                            "height": req.height, "seed": body.get("seed", -1),
                            "sampler_name": SAMPLER_LABELS.get(req.sampler, req.sampler)})
         self._count(api, OK, job)
-        self._json(200, {"images": [base64.b64encode(im.png).decode("ascii") for im in images],
+        send = body.get("send_images", True) is not False
+        self._json(200, {"images": [base64.b64encode(im.png).decode("ascii") for im in images] if send else [],
                          "parameters": parameters, "info": json.dumps(info)})
 
     def _openai(self):

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import SdliteError
+from ..errors import Cancelled, SdliteError
 from .config import ServeConfig
 
 log = logging.getLogger("sdlite.serve")
@@ -86,8 +86,11 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         defaults = Defaults.for_pipeline(pipe)
         if warmup and not stop.is_set():
             f = pipe.vae_scale_factor
-            pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0,
-                                       sampler=defaults.sampler), cancel=stop)
+            try:
+                pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0,
+                                           sampler=defaults.sampler), cancel=stop)
+            except Cancelled:
+                pass
         load_s = time.perf_counter() - t0
         if stop.is_set():
             print("sdlite serve: stopped before start", file=out, flush=True)
@@ -115,8 +118,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         except (OSError, RuntimeError) as exc:
             for _, fe in front_ends:
                 fe.close()
-            raise ServeSetupError(f"cannot listen on {config.host}: {getattr(exc, 'strerror', None) or exc}") \
-                from None
+            reason = getattr(exc, "strerror", None) or exc
+            raise ServeSetupError(f"cannot listen on {config.host}: {reason}") from None
         for _, fe in front_ends:
             fe.start()
         print(f"sdlite serve: model {pipe.folder.name} loaded in {load_s:.1f}s; {slots} slot(s), "
@@ -138,7 +141,7 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
             if name == "grpc":
                 fe.not_serving()
         clean = executor.drain(config.grace)
-        for name, fe in front_ends:
+        for _, fe in front_ends:
             fe.stop()
         running, waiting = executor.load()
         print(f"sdlite serve: stopped ({'all work finished' if clean else 'in-flight work cancelled'}"
