@@ -320,7 +320,8 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--memory-budget", type=byte_size, default=None,
                    help="e.g. 1.5G: the memory planner picks the levers; sizes that cannot fit are refused")
     s.add_argument("--max-concurrency", type=positive_int, default=None,
-                   help="generations at once (default: from the memory plan; 1 until the planner lands)")
+                   help="generations at once (default: from the memory plan, which is 1 while one "
+                        "pipeline runs one generation at a time)")
     s.add_argument("--queue-size", type=non_negative_int, default=4,
                    help="admitted requests that may wait for a slot; more get RESOURCE_EXHAUSTED / 429")
     s.add_argument("--max-width", type=positive_int, default=1024)
