@@ -30,6 +30,7 @@ from .runtime import memory
 from .runtime.attention import set_attention
 from .runtime.components import LOADERS, LoadedComponent, text_config, unet_config, vae_config
 from .runtime.kv_cache import cross_attention_cache
+from .runtime.lazy_weights import set_layer_chunking
 from .runtime.planner import (STAGES, ModelSizes, Plan, PlanError, fmt_bytes, make_plan,
                               parse_bytes)
 from .runtime.profiler import Profiler
@@ -157,6 +158,8 @@ class Pipeline:
             native = unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
             plan = make_plan(folder, memory_budget, width or native, height or native)
         pipe = cls(folder, tokenizer, scheduler_config, plan, dtype)
+        if plan.budget is not None:
+            memory.configure_allocator()
         if plan.residency == "all":
             handle = profiler.begin("load") if profiler else None
             try:
@@ -179,6 +182,7 @@ class Pipeline:
         if part is None:
             part = LOADERS[name](self.folder, self.dtype, weights_mode=self.plan.weights_mode)
             set_attention(part.module, self.plan.attention)
+            set_layer_chunking(part.module, self.plan.layer_chunk)
             self._components[name] = part
         return part
 

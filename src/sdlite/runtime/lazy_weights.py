@@ -62,26 +62,57 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, out: torch.Tens
 
 
 class _Lazy:
-    """Mixin: `weight` holds the stored tensor (any dtype); buffer `weight_scale` the int8 scales."""
+    """Mixin: `weight` holds the stored tensor (any dtype); buffer `weight_scale` the int8 scales.
+
+    `chunk_bytes` (set by the runtime, default off): a layer whose fp32 weight is larger is computed
+    in slices of output channels, so neither the dequantized weight nor the blocked copy that oneDNN
+    makes of a conv weight ever exists whole (SD 1.5's largest conv is 118 MB in fp32).
+    """
+
+    chunk_bytes: int | None = None
 
     def _scale(self) -> torch.Tensor | None:
         return self._buffers.get("weight_scale")
 
-    def _dequantized_weight(self) -> torch.Tensor:
-        w, scale = self.weight, self._scale()
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        w, scale = self.weight[start:stop], self._scale()
         if w.dtype == torch.float32 and scale is None:
             return w
-        return dequantize(w, scale, WORKSPACE.take(w.shape))
+        return dequantize(w, None if scale is None else scale[start:stop], WORKSPACE.take(w.shape))
+
+    def _chunks(self) -> list[tuple[int, int]] | None:
+        out = self.weight.shape[0]
+        if not self.chunk_bytes or 4 * self.weight.numel() <= self.chunk_bytes:
+            return None
+        rows = max(1, self.chunk_bytes // (4 * (self.weight.numel() // out)))
+        return [(i, min(out, i + rows)) for i in range(0, out, rows)]
+
+    def _bias(self, start: int, stop: int):
+        return None if self.bias is None else self.bias[start:stop]
 
 
 class LazyLinear(_Lazy, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._dequantized_weight(), self.bias)
+        chunks = self._chunks()
+        if chunks is None:
+            return F.linear(x, self._weight_rows(0, self.out_features), self.bias)
+        out = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
+        for a, b in chunks:
+            out[..., a:b] = F.linear(x, self._weight_rows(a, b), self._bias(a, b))
+        return out
 
 
 class LazyConv2d(_Lazy, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self._dequantized_weight(), self.bias)
+        chunks = self._chunks()
+        if chunks is None:
+            return self._conv_forward(x, self._weight_rows(0, self.out_channels), self.bias)
+        parts = [self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b)) for a, b in chunks[:1]]
+        out = torch.empty((x.shape[0], self.out_channels) + parts[0].shape[2:], dtype=x.dtype)
+        out[:, chunks[0][0]:chunks[0][1]] = parts.pop()
+        for a, b in chunks[1:]:
+            out[:, a:b] = self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b))
+        return out
 
 
 class LazyEmbedding(_Lazy, nn.Embedding):
@@ -108,6 +139,16 @@ def swap_layers(module: nn.Module) -> dict[str, nn.Module]:
             sub.__class__ = cls
             swapped[name] = sub
     return swapped
+
+
+def set_layer_chunking(module: nn.Module, chunk_bytes: int | None) -> int:
+    """Compute layers with an fp32 weight above `chunk_bytes` in output-channel slices (None: off)."""
+    n = 0
+    for sub in module.modules():
+        if isinstance(sub, _Lazy):
+            sub.chunk_bytes = chunk_bytes
+            n += 1
+    return n
 
 
 def prepare_stored_weight(layer: nn.Module, dtype: torch.dtype, quantized: bool) -> None:

@@ -38,16 +38,27 @@ GiB = 1024 * MiB
 # batch 1 x 64x64, 339 MB at batch 2 x 32x32 -> a constant of about 2.7x the largest conv weight
 # (oneDNN reorders each conv weight into a blocked copy per call, and the allocator keeps the
 # freed blocks) plus 9.9 KB per latent pixel and batch element. VAE decoder: 1086 MB at 512x512
-# output, 305 MB at 256x256, 121 MB at 128x128 -> 45 MB + 3.97 KB per output pixel.
+# output, 305 MB at 256x256, 121 MB at 128x128 -> 45 MB + 3.97 KB per output pixel. Tiled decoding
+# through the pipeline (int8 model, staged, allocator configured): +755 / +456 / +351 MB for 384 /
+# 256 / 192 px tiles -> 217 MB + 3.65 KB per tile pixel.
+# With the allocator configured (runtime.memory.configure_allocator), CFG split, int8 weights: the
+# UNet stage peaks at +480 MB above the loaded state with whole layers (largest 118 MB) and +236 MB
+# with layers computed in 16 MB slices -> 164 MB + 2.39 x the largest (sliced) layer, of which one
+# is the dequantization workspace counted separately for fp16/int8 weights.
 ACTIVATION_BYTES = {
-    "unet_const_x_largest_layer": 2.7,
+    "unet_const": 164 * MiB,
+    "unet_const_x_largest_layer": 1.39,
     "unet_per_latent_px": 9_900,       # per latent pixel per batch element, SD 1.5 widths (320)
     "vae_const": 45 * MiB,
-    "vae_per_image_px": 3_970,         # per output pixel (tile or whole image), SD VAE widths (128)
+    "vae_per_image_px": 3_970,         # per output pixel (whole image), SD VAE widths (128)
+    "vae_tiled_const": 217 * MiB,
+    "vae_per_tile_px": 3_650,          # per pixel of one tile, tiled decoding
     "text": 24 * MiB,                  # CLIP-L over 77 tokens, batch 1 (measured 11 MB)
 }
+SAFETY = 1.05                          # on anonymous memory: the samplers above miss short spikes
 BASE_BYTES = 260 * MiB                 # python + torch + sdlite imported: 164 MB anon + 93 MB file
-MIN_STREAM_BYTES = 128 * MiB           # page cache a streamed stage needs for its current layers
+MIN_STREAM_BYTES = 128 * MiB
+LAYER_CHUNK = 16 * MiB                 # slice size of the largest layers when chunking is on           # page cache a streamed stage needs for its current layers
 
 
 class PlanError(SdliteError):
@@ -110,6 +121,7 @@ class Plan:
     vae_overlap: int = 8
     weights_mode: str = "lazy"        # "lazy": dequantize fp16/int8 per layer; "materialize": fp32 at load
     attention: str = "sdpa"
+    layer_chunk: int | None = None    # compute layers above this many fp32 bytes in channel slices
     kv_cache: bool = True
     trim: bool = True                 # gc + malloc_trim between stages
     budget: int | None = None
@@ -122,6 +134,7 @@ class Plan:
         parts = [f"residency={self.residency}", f"cfg={self.cfg}",
                  f"vae={'tiled ' + str(self.vae_tile * 8) + 'px' if self.vae_tile else 'untiled'}",
                  f"weights={self.weights_mode}", f"attention={self.attention}",
+                 f"layer_chunk={fmt_bytes(self.layer_chunk) if self.layer_chunk else 'off'}",
                  f"kv_cache={'on' if self.kv_cache else 'off'}"]
         if self.streamed:
             parts.append("streamed=" + "+".join(self.streamed))
@@ -142,7 +155,8 @@ def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: 
         batch = 1 if plan.cfg == "split" else 2
         px = (width // f) * (height // f)
         scale = sizes.unet_channels / 320
-        const = ACTIVATION_BYTES["unet_const_x_largest_layer"] * sizes.unet.largest_layer_fp32
+        const = (ACTIVATION_BYTES["unet_const"] * scale
+                 + ACTIVATION_BYTES["unet_const_x_largest_layer"] * _largest(sizes.unet, plan))
         return int(const + ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
     scale = sizes.vae_channels / 128
     const = ACTIVATION_BYTES["vae_const"]
@@ -150,11 +164,16 @@ def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: 
         tw = min(plan.vae_tile, width // f) * f
         th = min(plan.vae_tile, height // f) * f
         px_out = width * height  # the blended output and its weights (fp32)
-        return int(const + ACTIVATION_BYTES["vae_per_image_px"] * scale * tw * th + 16 * px_out)
+        return int(ACTIVATION_BYTES["vae_tiled_const"] + ACTIVATION_BYTES["vae_per_tile_px"] * scale * tw * th
+                   + 16 * px_out)
     return int(const + ACTIVATION_BYTES["vae_per_image_px"] * scale * width * height)
 
 
 STAGES = ("text_encoder", "unet", "vae")
+
+
+def _largest(c: ComponentSize, plan: Plan) -> int:
+    return min(c.largest_layer_fp32, plan.layer_chunk) if plan.layer_chunk else c.largest_layer_fp32
 
 
 def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: int) -> tuple[int, int]:
@@ -163,7 +182,7 @@ def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: i
     lazy = c.lazy and plan.weights_mode == "lazy"
     anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
     if lazy:
-        anon += c.largest_layer_fp32 + c.small_fp32_bytes
+        anon += _largest(c, plan) + c.small_fp32_bytes
     elif c.lazy:
         anon += c.fp32_bytes  # materialized copies
     file_bytes = 0 if (c.lazy and not lazy) else c.stored_bytes
@@ -178,7 +197,7 @@ def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: i
                 file_bytes += oc.stored_bytes
                 if oc.lazy:
                     anon += oc.small_fp32_bytes
-    return int(anon), int(file_bytes)
+    return int(anon * SAFETY), int(file_bytes)
 
 
 def estimate(sizes: ModelSizes, plan: Plan, width: int, height: int, budget: int | None = None
@@ -211,9 +230,11 @@ def candidates(sizes: ModelSizes, width: int, height: int):
     modes = ["materialize", "lazy"] if any(sizes.component(s).lazy for s in STAGES) else ["lazy"]
     for residency in ("all", "staged"):
         for weights_mode in modes:
-            for cfg in ("batch", "split"):
-                for tile in tiles:
-                    yield Plan(residency=residency, cfg=cfg, vae_tile=tile, weights_mode=weights_mode)
+            for chunk in (None, LAYER_CHUNK):
+                for cfg in ("batch", "split"):
+                    for tile in tiles:
+                        yield Plan(residency=residency, cfg=cfg, vae_tile=tile, weights_mode=weights_mode,
+                                   layer_chunk=chunk)
 
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,

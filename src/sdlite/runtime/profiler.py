@@ -45,7 +45,8 @@ class Sample:
 
 
 class Profiler:
-    def __init__(self, interval: float = 0.02, sample: bool = True):
+    def __init__(self, interval: float = 0.02, sample: bool = True, echo=None):
+        self.echo = echo  # a text stream: each stage is printed there as it ends
         self.t0 = time.perf_counter()
         self.records: list[StageRecord] = []
         self.samples: list[Sample] = []
@@ -96,6 +97,10 @@ class Profiler:
         record = StageRecord(handle["name"], handle["start"], end - handle["start"], handle["anon"],
                              handle["file"], handle["rss"], handle["cgroup"], handle["category"])
         self.records.append(record)
+        if self.echo is not None:
+            cg = f" cgroup {record.peak_cgroup / 2**20:.0f} MB" if record.peak_cgroup else ""
+            print(f"[profile] {record.name}: {record.seconds:.2f} s, anon {record.peak_anon / 2**20:.0f} MB, "
+                  f"file {record.peak_file / 2**20:.0f} MB{cg}", file=self.echo, flush=True)
         return record
 
     @contextmanager
