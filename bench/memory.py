@@ -123,8 +123,9 @@ def child_sdlite(model: str, budget: int | None, steps: int, size: int) -> None:
     torch.set_num_threads(2)
     from sdlite.pipeline import Pipeline
     from sdlite.runtime.profiler import Profiler
-    prof = Profiler(interval=0.05)
+    prof = Profiler(interval=0.05, echo=sys.stderr)
     pipe = Pipeline.load(model, memory_budget=budget, width=size, height=size, profiler=prof)
+    print(f"plan: {pipe.plan.describe()} estimates {pipe.plan.estimates}", file=sys.stderr, flush=True)
     result = pipe.generate("a lighthouse at dusk", steps=steps, cfg_scale=7.5, seed=1, width=size,
                            height=size, sampler="dpm++2m", profiler=prof)
     prof.close()
@@ -198,8 +199,9 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
     if result:
         row.update(result)
     if not row["completed"]:
-        tail = [line for line in err.strip().splitlines() if line.strip()][-1:] or [""]
-        row["error"] = tail[0][-300:]
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        row["error"] = (lines[-1] if lines else "")[-300:]
+        row["last_stages"] = [line[10:] for line in lines if line.startswith("[profile] ")][-2:]
     if row.get("estimate") and row.get("peak_cgroup"):
         row["estimate_error"] = round(row["estimate"] / row["peak_cgroup"] - 1, 3)
     return row

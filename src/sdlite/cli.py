@@ -223,7 +223,7 @@ def cmd_info(args) -> int:
     total_params = total_bytes = 0
     for name in ("text_encoder", "unet", "vae"):
         with load_component_weights(folder.component(name)) as w:
-            params = sum(math.prod(w.shape_of(k)) for k in w.keys())
+            params = sum(math.prod(w.shape_of(k)) for k in w.keys() if not k.endswith("weight_scale"))
             dtypes = sorted({str(w.dtype_of(k)).replace("torch.", "") for k in w.keys()})
         size = folder.bytes_on_disk(name)
         total_params += params

@@ -266,10 +266,12 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
         smallest = need if smallest is None else min(smallest, need)
     if best is not None:
         return best
+    hint = ", a smaller image"
+    if sizes.unet.stored_bytes > 0.3 * sizes.unet.fp32_bytes:
+        hint += ", or int8 weights (sdlite convert MODEL OUT --weights int8)"
     raise PlanError(
         f"a {width}x{height} generation does not fit in {fmt_bytes(budget)}: the leanest plan needs "
-        f"about {fmt_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M, a smaller "
-        f"image, or int8 weights: sdlite convert MODEL OUT --weights int8)")
+        f"about {fmt_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M{hint})")
 
 
 def _anon_only(sizes: ModelSizes, plan: Plan, width: int, height: int) -> dict:
