@@ -173,11 +173,11 @@ def parse_size(text: str) -> int:
 def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, size: int,
             parent: Path | None, version: int, timeout: float) -> dict:
     evict(model)
-    cg = None
-    if limit is not None:
-        cg = LimitedCgroup(parent, version, f"sdlite-bench-{os.getpid()}-{time.time_ns()}", limit)
+    # an unlimited run still gets its own cgroup (with a limit far above need) to measure its peak
+    cg = LimitedCgroup(parent, version, f"sdlite-bench-{os.getpid()}-{time.time_ns()}",
+                       limit if limit is not None else 64 << 30)
     args = [sys.executable, str(HERE), "--child", engine, model, str(limit or 0), str(steps), str(size)]
-    join = f"echo $$ > {cg.procs_file()} && " if cg else ""
+    join = f"echo $$ > {cg.procs_file()} && "
     cmd = ["sh", "-c", join + "exec " + " ".join(f"'{a}'" for a in args)]
     t0 = time.perf_counter()
     try:
@@ -190,10 +190,9 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
     wall = time.perf_counter() - t0
     row = {"engine": engine, "weights": label, "limit": limit, "size": size, "steps": steps,
            "exit": rc, "wall_s": round(wall, 1)}
-    if cg is not None:
-        row["peak_cgroup"] = cg.peak()
-        row["oom_kills"] = cg.oom_kills()
-        cg.remove()
+    row["peak_cgroup"] = cg.peak()
+    row["oom_kills"] = cg.oom_kills()
+    cg.remove()
     result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
     row["completed"] = rc == 0 and result is not None
     if result:
