@@ -239,10 +239,10 @@ class Executor:
                 raise ServeError(UNAVAILABLE, "circuit open after repeated failures",
                                  retry_after=max(1.0, self.breaker.retry_after()))
             job.position = len(self._running) + len(self._waiting)
+            job._emit(Event("queued", position=job.position))  # before any progress event can be
             self._waiting.append(job)
             self._gauges()
             self._cond.notify()
-        job._emit(Event("queued", position=job.position))
         return job
 
     def cancel(self, job: Job, code: str = CANCELLED, message: str = "cancelled by the client") -> None:
