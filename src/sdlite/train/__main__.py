@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="diffusers folder to write at the end "
                                  "(e.g. src/sdlite/assets/sdlite-shapes)")
     p.add_argument("--seed", type=int, default=r.seed)
-    p.add_argument("--threads", type=int, default=r.threads)
+    p.add_argument("--threads", type=int, default=r.threads,
+                   help="at most this many torch threads; the trainer times 1..N now and then and uses the "
+                        "fastest (on shared cores one thread can be several times faster than two). "
+                        "--threads 1 makes a run bitwise reproducible; otherwise runs differ only by "
+                        "float rounding")
     p.add_argument("--vae-steps", type=int, default=r.vae_steps)
     p.add_argument("--unet-steps", type=int, default=r.unet_steps)
     p.add_argument("--unet-batch", type=int, default=r.unet_batch)

@@ -78,8 +78,10 @@ Total on disk: {total / 2**20:.2f} MiB.
 
 ## Training recipe
 
-`python -m sdlite.train --work runs/shapes --out src/sdlite/assets/sdlite-shapes` (seed {r["seed"]},
-{r["threads"]} threads; rerunning the same command resumes from the last checkpoint):
+`python -m sdlite.train --work runs/shapes --out src/sdlite/assets/sdlite-shapes` (seed {r["seed"]}, up to
+{r["threads"]} torch threads: the trainer times 1 and {r["threads"]} threads every 1000 steps and uses the faster, since on
+shared cores one thread can be several times faster than two; rerunning the same command resumes from the
+last checkpoint; `--threads 1` makes a run bitwise reproducible, otherwise runs differ by float rounding):
 
 1. tokenizer: BPE learned on every caption word (`write_clip_tokenizer`).
 2. VAE: {r["vae_steps"]} steps of AdamW (lr {r["vae_lr"]:g}, cosine), batch {r["vae_batch"]} of freshly rendered

@@ -51,14 +51,14 @@ class Recipe:
     threads: int = 2
     image_size: int = configs.IMAGE_SIZE
     # autoencoder
-    vae_steps: int = 2500
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # latent pool for the UNet stage
     latent_pool: int = 16384
     # text encoder + UNet
-    unet_steps: int = 10000
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     warmup_steps: int = 200
@@ -103,12 +103,69 @@ def _images_tensor(scenes, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+class ThreadTuner:
+    """Picks the faster of 1 or `max_threads` torch threads every `period` steps by timing a few steps.
+
+    On a machine whose cores are shared, two OpenMP threads can be many times slower than one (each
+    parallel region waits for the thread that is not scheduled); on a quiet machine two are faster.
+    A probe of the larger count stops at its first step that is clearly slower, so that probing costs
+    little on a busy machine. The thread count changes the speed only, not the recipe."""
+
+    def __init__(self, max_threads: int, period: int = 1000, probe: int = 3):
+        self.many = max_threads
+        self.period, self.probe = period, probe
+        self.one: list[float] = []
+        self.more: list[float] = []
+        self.best = 1
+        self.probing_more = False
+
+    def threads_for(self, step: int) -> int:
+        phase = step % self.period
+        if self.many < 2:
+            return 1
+        if phase < self.probe:
+            return 1
+        if phase < 2 * self.probe and self.probing_more:
+            return self.many
+        return self.best
+
+    def begin(self, step: int) -> None:
+        phase = step % self.period
+        if phase == 0:
+            self.one, self.more, self.probing_more = [], [], True
+        n = self.threads_for(step)
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    def end(self, step: int, seconds: float) -> None:
+        phase = step % self.period
+        if self.many < 2 or phase >= 2 * self.probe:
+            return
+        if phase < self.probe:
+            if phase > 0:            # the first step after a switch is a warm-up
+                self.one.append(seconds)
+            return
+        if not self.probing_more:
+            return
+        base = sorted(self.one)[len(self.one) // 2] if self.one else seconds
+        if seconds > 2 * base:       # clearly slower: the cores are busy, stay at one thread
+            self.probing_more, self.best = False, 1
+            return
+        if phase > self.probe:
+            self.more.append(seconds)
+        if phase == 2 * self.probe - 1:
+            more = sorted(self.more)[len(self.more) // 2] if self.more else float("inf")
+            self.best = self.many if more < base else 1
+            self.probing_more = False
+
+
 def _progress(stage: str, step: int, total: int, t0: float, start_step: int, **values) -> None:
     done = step - start_step
     rate = (time.perf_counter() - t0) / max(done, 1)
     eta = rate * (total - step)
     vals = " ".join(f"{k}={v:.5f}" for k, v in values.items())
-    _log(f"{stage} step {step}/{total} {vals} {rate:.3f}s/step eta {eta / 60:.1f} min")
+    _log(f"{stage} step {step}/{total} {vals} {rate:.3f}s/step eta {eta / 60:.1f} min "
+         f"threads {torch.get_num_threads()}")
 
 
 class Trainer:
@@ -121,12 +178,13 @@ class Trainer:
         current = asdict(recipe)
         if recipe_path.exists():
             old = json.loads(recipe_path.read_text())
-            if old != current:
-                changed = sorted(k for k in current if old.get(k) != current[k])
+            changed = sorted(k for k in current if old.get(k) != current[k] and k not in ("threads",))
+            if changed:
                 raise SystemExit(f"{recipe_path}: the work folder was made with another recipe "
                                  f"(differs in {', '.join(changed)}); use a new --work folder")
         else:
             recipe_path.write_text(json.dumps(current, indent=2) + "\n")
+        self.tuner = ThreadTuner(recipe.threads)
         self.finish_early = False   # unet stage: stop at the last checkpoint instead of going on
         self.times: dict[str, float] = {}
         times_path = self.work / "times.json"
@@ -185,6 +243,8 @@ class Trainer:
         t_mark = time.perf_counter()
         avg = None
         while step < r.vae_steps:
+            self.tuner.begin(step)
+            t_step = time.perf_counter()
             rng = random.Random(_rng_seed(r.seed, "vae-data", step))
             scenes = [shapes.random_scene(rng, shapes.all_combos() if rng.random() < 0.5 else
                                           shapes.train_combos(), r.image_size)
@@ -203,6 +263,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
+            self.tuner.end(step, time.perf_counter() - t_step)
             step += 1
             avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
             if step % r.log_every == 0 or step == r.vae_steps:
@@ -313,6 +374,8 @@ class Trainer:
         if self.finish_early:
             _log(f"unet: finishing early at step {step} of {r.unet_steps}")
         while step < r.unet_steps and not self.finish_early:
+            self.tuner.begin(step)
+            t_step = time.perf_counter()
             g = torch.Generator().manual_seed(_rng_seed(r.seed, "unet-step", step))
             idx = torch.randint(0, n, (r.unet_batch,), generator=g)
             x0 = latents[idx]
@@ -334,6 +397,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            self.tuner.end(step, time.perf_counter() - t_step)
             step += 1
             decay = min(r.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
