@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -34,9 +34,7 @@ class ServeConfig:
     breaker_cooldown: float = 30.0  # seconds open before one trial request is let through
     grace: float = 30.0             # SIGTERM/SIGINT: seconds to finish in-flight work before cancelling it
     oom_score_adj: int | None = None
-    limits: Limits = None  # type: ignore[assignment]
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
-        if self.limits is None:
-            self.limits = Limits()
         self.model = Path(self.model)
