@@ -16,8 +16,9 @@ Prints one JSON line per result.
    RESOURCE_EXHAUSTED, p99 of accepted requests <= depth x single latency x 1.2 where depth = SLOTS + QUEUE
    (the most admitted requests at once), and peak memory within --memory-budget (also given to the server's
    planner). Clients pause --retry-wait s after a shed answer. With root and a memory
-   cgroup controller the server runs in a fresh memory cgroup limited to the budget, so "within budget" is
-   what the kernel charged (anon + page cache of the mapped weights); otherwise peak RSS is compared.
+   cgroup controller the server runs in a fresh memory cgroup limited to the budget (--measure-only: no
+   limit, the peak is only measured), so "within budget" is what the kernel charged (anon + page cache of
+   the mapped weights) and "no OOM" is the cgroup's oom_kill count; otherwise peak RSS is compared.
 
 The CPU is shared: run on a quiet machine (load average < 0.5); the first line reports the load seen.
 """
@@ -63,7 +64,8 @@ class MemoryCgroup:
         self.path, self.v2 = path, v2
 
     @classmethod
-    def create(cls, limit: int) -> "MemoryCgroup | None":
+    def create(cls, limit: int | None) -> "MemoryCgroup | None":
+        """limit None: no limit, the cgroup only measures."""
         name = f"sdlite-serve-bench-{uuid.uuid4().hex[:8]}"
         candidates = [(Path("/sys/fs/cgroup") / name, True, "memory.max"),
                       (Path("/sys/fs/cgroup/memory") / name, False, "memory.limit_in_bytes")]
@@ -74,6 +76,8 @@ class MemoryCgroup:
                 continue
             try:
                 path.mkdir()
+                if limit is None:
+                    return cls(path, v2)
                 (path / limit_file).write_text(str(limit))
                 if not v2:
                     try:
@@ -188,7 +192,7 @@ def overhead(args, model: Path) -> None:
 
 def overload(args, model: Path) -> None:
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
-    cgroup = MemoryCgroup.create(budget) if budget else None
+    cgroup = MemoryCgroup.create(None if args.measure_only else budget) if budget else None
     clients = args.clients or 4 * args.slots
     depth = args.slots + args.queue_size
     server_args = ("--threads", str(args.threads), "--max-concurrency", str(args.slots),
@@ -226,7 +230,8 @@ def overload(args, model: Path) -> None:
          bound_s=round(bound, 4), p99_within_bound=d["p99_s"] is not None and d["p99_s"] <= bound,
          statuses=d["statuses"], shed=d["statuses"].get("RESOURCE_EXHAUSTED", 0),
          throughput_ok_per_s=d["throughput_ok_per_s"], server_alive=alive, exit_code=exit_code,
-         oom_kills=oom, memory="cgroup" if cgroup else "peak_rss",
+         oom_kills=oom, memory=("cgroup (measured)" if args.measure_only else "cgroup (limited)")
+         if cgroup else "peak_rss",
          peak_bytes=int(peak) if peak is not None else None,
          peak_rss_bytes=int(m.get("sdlite_peak_rss_bytes", 0)), budget_bytes=budget,
          within_budget=None if budget is None or peak is None else peak <= budget)
@@ -247,6 +252,8 @@ def main() -> int:
     p.add_argument("--overload-requests", type=int, default=None, help="and/or at most this many")
     p.add_argument("--retry-wait", type=float, default=0.1)
     p.add_argument("--memory-budget", default=None, help="e.g. 3G; a memory cgroup limit where possible")
+    p.add_argument("--measure-only", action="store_true",
+                   help="a memory cgroup without a limit: measure the server's peak, enforce nothing")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-overload", action="store_true")
     args = p.parse_args()
