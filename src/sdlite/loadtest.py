@@ -5,8 +5,8 @@
 
 Each client sends one request, waits for the answer, and sends the next, until N requests have been sent
 or T seconds have passed (whichever comes first; at least one of them bounds every run). After a shed
-answer (RESOURCE_EXHAUSTED / UNAVAILABLE, HTTP 429 / 503) a client waits `--retry-wait` seconds before
-its next request, as a well-behaved client would. Reports throughput, latency percentiles of successful
+answer (RESOURCE_EXHAUSTED / UNAVAILABLE, HTTP 429 / 503) or a connection error a client waits
+`--retry-wait` seconds before its next request, as a well-behaved client would. Reports throughput, latency percentiles of successful
 requests and counts by status. Loopback targets only: this is a test tool, not a traffic generator.
 """
 
@@ -235,7 +235,7 @@ def run_loadtest(target: Target, *, clients: int = 1, requests: int | None = Non
                     report.statuses[status] += 1
                     if status in ("OK", "200"):
                         report.ok_latencies.append(dt)
-                if status in SHED and retry_wait > 0:
+                if (status in SHED or status.startswith("error")) and retry_wait > 0:
                     time.sleep(min(retry_wait, max(0.0, end - time.monotonic())))
         finally:
             c.close()
