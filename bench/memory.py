@@ -189,7 +189,7 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
             out, err = out.decode(), (err or b"").decode()
     wall = time.perf_counter() - t0
     row = {"engine": engine, "weights": label, "limit": limit, "size": size, "steps": steps,
-           "exit": rc, "wall_s": round(wall, 1)}
+           "exit": rc, "wall_s": round(wall, 1), "cgroup": cg.path.name}
     row["peak_cgroup"] = cg.peak()
     row["oom_kills"] = cg.oom_kills()
     cg.remove()
