@@ -38,6 +38,8 @@ def write_card(folder: str | Path) -> Path:
     held_cs = ", ".join(f"{c} {s}" for c, s in sorted(shapes.HELD_OUT_COLOR_SHAPE))
     held_cb = ", ".join(f"{c} on {b}" for c, b in sorted(shapes.HELD_OUT_COLOR_BACKGROUND))
     minutes = sum(times.values()) / 60
+    loss = unet.get("final_loss_ema")
+    final_loss = f" Final training loss (min-SNR weighted, smoothed): {loss:.4f}." if loss is not None else ""
     vocab = json.loads((folder / "text_encoder" / "config.json").read_text())["vocab_size"]
     text = f"""# sdlite-shapes
 
@@ -94,7 +96,7 @@ last checkpoint; `--threads 1` makes a run bitwise reproducible, otherwise runs 
    epsilon prediction on SD 1.x's schedule (scaled_linear betas 0.00085..0.012, 1000 steps) with
    min-SNR loss weighting (gamma {r["min_snr_gamma"]:g}), captions
    replaced by the empty prompt {100 * r["caption_dropout"]:.0f}% of the time (for classifier-free guidance),
-   EMA {r["ema_decay"]} of the weights (exported). Final training loss (smoothed): {unet["final_loss_ema"]:.4f}.
+   EMA {r["ema_decay"]} of the weights (exported).{final_loss}
 5. Export: EMA weights in {r["export_dtype"]}, diffusers folder layout.
 
 Wall time on this repository's 2-core machine: {minutes:.1f} minutes

@@ -354,6 +354,7 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=r.weight_decay)
         ckpt = self.work / "unet.pt"
         step = 0
+        avg = None
         if ckpt.exists():
             state = torch.load(ckpt, weights_only=False)
             text.load_state_dict(state["text"])
@@ -362,6 +363,7 @@ class Trainer:
             for e, v in zip(ema, state["ema"]):
                 e.copy_(v)
             step = state["step"]
+            avg = state.get("avg")
             _log(f"unet: resuming at step {step}")
         empty_ids = tokenizer([""]).to(torch.int32)[0]
         acp = self.alphas_cumprod()
@@ -370,7 +372,6 @@ class Trainer:
         text.train()
         unet.train()
         t0, start, t_mark = time.perf_counter(), step, time.perf_counter()
-        avg = None
         if self.finish_early:
             _log(f"unet: finishing early at step {step} of {r.unet_steps}")
         while step < r.unet_steps and not self.finish_early:
@@ -407,7 +408,7 @@ class Trainer:
                 _progress("unet", step, r.unet_steps, t0, start, loss=avg)
             if step % r.checkpoint_every == 0 or step == r.unet_steps:
                 _save_atomic({"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
-                              "ema": ema, "step": step}, ckpt)
+                              "ema": ema, "step": step, "avg": avg}, ckpt)
                 self._record_time("unet", time.perf_counter() - t_mark)
                 t_mark = time.perf_counter()
         # EMA weights as state dicts
