@@ -6,25 +6,14 @@ import pytest
 import torch
 
 from sdlite.errors import InvalidRequest, ModelFolderError
+from sdlite.model_configs import SD15_SCHEDULER
 from sdlite.samplers import SAMPLERS, sample, timesteps_for
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-4  # max abs error relative to the reference's max abs value, fp32
 
-SD15 = {  # the scheduler_config.json of an SD 1.5 diffusers folder
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
+SD15 = dict(SD15_SCHEDULER, _diffusers_version="0.6.0")  # an SD 1.5 folder's scheduler_config.json
 SHAPE = (1, 4, 16, 16)
 
 
