@@ -173,12 +173,11 @@ def cmd_generate(args) -> int:
                             args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
     if args.profile:
         check_output_path(Path(args.profile), suffix=".json")
-    from .runtime.components import unet_config, vae_config
+    from .runtime.components import native_size
     from .runtime.profiler import Profiler
     from .weights.model_folder import ModelFolder
 
-    folder = ModelFolder.open(model)
-    native = unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+    native = native_size(ModelFolder.open(model))
     req.width = args.width or native
     req.height = args.height or native
     req.validate()

@@ -28,7 +28,8 @@ from .errors import Cancelled, InvalidRequest
 from .models.config import read_json
 from .runtime import memory
 from .runtime.attention import set_attention
-from .runtime.components import LOADERS, LoadedComponent, text_config, unet_config, vae_config
+from .runtime.components import (LOADERS, LoadedComponent, native_size, text_config, unet_config,
+                                 vae_config)
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.lazy_weights import set_layer_chunking
 from .runtime.planner import (STAGES, ModelSizes, Plan, PlanError, fmt_bytes, make_plan,
@@ -136,6 +137,7 @@ class Pipeline:
         self.text_config = text_config(folder)
         self._components: dict[str, LoadedComponent] = {}
         self._sizes = None
+        self._plans: dict[tuple[int, int], Plan] = {}  # per request size, for a budgeted pipeline
         self._lock = threading.Lock()
         if self.text_config.max_position_embeddings < tokenizer.max_length:
             tokenizer.max_length = self.text_config.max_position_embeddings
@@ -155,7 +157,7 @@ class Pipeline:
         if isinstance(memory_budget, str):
             memory_budget = parse_bytes(memory_budget)
         if plan is None:
-            native = unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+            native = native_size(folder)
             plan = make_plan(folder, memory_budget, width or native, height or native)
         pipe = cls(folder, tokenizer, scheduler_config, plan, dtype)
         if plan.budget is not None:
@@ -234,6 +236,9 @@ class Pipeline:
         plan = self.plan
         if plan.budget is None or (plan.width, plan.height) == (width, height):
             return plan
+        cached = self._plans.get((width, height))
+        if cached is not None:
+            return cached
         if self._sizes is None:
             self._sizes = ModelSizes.of(self.folder)
         new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes)
@@ -244,6 +249,7 @@ class Pipeline:
                             f"but this pipeline was loaded for {plan.width}x{plan.height} with every "
                             "network resident; load it for the larger size")
         new.weights_mode = plan.weights_mode
+        self._plans[(width, height)] = new
         return new
 
     # --- the stages -----------------------------------------------------------------------------

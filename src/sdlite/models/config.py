@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ModelFolderError
+from ..weights.model_folder import read_json  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
 
@@ -20,19 +20,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if key in names:
             kwargs[key] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_config(cls: type[T], path: Path) -> T:

@@ -91,6 +91,17 @@ class UNetConfig:
         return (value,) * n
 
 
+def _attentions(with_attention: bool, layers: int, heads: int, ch: int, context_dim: int,
+                cfg: UNetConfig, transformer_layers: int, only_cross: bool) -> nn.ModuleList | None:
+    """The spatial transformers of a block, one after each resnet (None for a block without)."""
+    if not with_attention:
+        return None
+    return nn.ModuleList([
+        Transformer2DModel(heads, ch // heads, ch, context_dim, transformer_layers, cfg.norm_num_groups,
+                           cfg.use_linear_projection, only_cross)
+        for _ in range(layers)])
+
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D, or DownBlock2D when `with_attention` is False (same keys, minus attentions)."""
 
@@ -101,13 +112,8 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, cfg.norm_num_groups, cfg.norm_eps)
             for i in range(layers)])
-        if with_attention:
-            self.attentions = nn.ModuleList([
-                Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, transformer_layers,
-                                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross)
-                for _ in range(layers)])
-        else:
-            self.attentions = None
+        self.attentions = _attentions(with_attention, layers, heads, out_ch, context_dim, cfg,
+                                      transformer_layers, only_cross)
         self.downsamplers = (nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
                              if add_downsample else None)
 
@@ -137,13 +143,8 @@ class UpBlock(nn.Module):
             res_in = prev_ch if i == 0 else out_ch
             resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb, cfg.norm_num_groups, cfg.norm_eps))
         self.resnets = nn.ModuleList(resnets)
-        if with_attention:
-            self.attentions = nn.ModuleList([
-                Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, transformer_layers,
-                                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross)
-                for _ in range(layers)])
-        else:
-            self.attentions = None
+        self.attentions = _attentions(with_attention, layers, heads, out_ch, context_dim, cfg,
+                                      transformer_layers, only_cross)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None):

@@ -121,6 +121,11 @@ def text_config(folder: ModelFolder) -> CLIPTextConfig:
     return load_config(CLIPTextConfig, folder.component("text_encoder") / "config.json")
 
 
+def native_size(folder: ModelFolder) -> int:
+    """The image side the model was trained at: UNet sample size x the VAE's downscale factor."""
+    return unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+
+
 def load_unet(folder: ModelFolder, dtype: torch.dtype = torch.float32,
               weights_mode: str = "lazy") -> LoadedComponent:
     cfg = unet_config(folder)

@@ -18,6 +18,11 @@ from pathlib import Path
 _libc = None
 
 
+def malloc_trim() -> int:
+    """glibc malloc_trim(0): return free heap pages to the kernel (0 where there is no glibc)."""
+    return _malloc_trim()
+
+
 def _malloc_trim():
     global _libc
     if _libc is None:

@@ -15,8 +15,6 @@ The number of slots is decided by `plan_concurrency`, the one place where the me
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
 import io
 import logging
@@ -27,6 +25,7 @@ from typing import Callable
 
 from ..errors import Cancelled, InvalidRequest, SdliteError
 from ..pipeline import GenerationRequest, GenerationResult, StageTiming
+from ..runtime.memory import malloc_trim
 from .breaker import STATE_VALUES, CircuitBreaker
 
 log = logging.getLogger("sdlite.serve")
@@ -119,15 +118,6 @@ class Job:
                 log.exception("progress listener failed")
 
 
-def _malloc_trim() -> Callable[[], None]:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 class Executor:
     def __init__(self, pipe, *, slots: int, queue_size: int, breaker: CircuitBreaker, metrics,
                  default_deadline: float, max_deadline: float):
@@ -141,7 +131,7 @@ class Executor:
         self._stopping = False
         self._hurry = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._trim = _malloc_trim()
+        self._trim = malloc_trim
         metrics.slots.set(slots)
         metrics.queue_capacity.set(queue_size)
         metrics.circuit.set_function(lambda: STATE_VALUES[self.breaker.state])

@@ -19,6 +19,20 @@ CONFIG_FILE = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a model folder file; ModelFolderError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object")
+    return data
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     root: Path
@@ -36,13 +50,7 @@ class ModelFolder:
         index_path = root / "model_index.json"
         if not index_path.is_file():
             raise ModelFolderError(f"{root}: not a diffusers model folder (no model_index.json)")
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFolderError(f"{index_path}: not valid JSON ({exc})") from None
-        if not isinstance(index, dict):
-            raise ModelFolderError(f"{index_path}: expected a JSON object")
-        folder = cls(root, index)
+        folder = cls(root, read_json(index_path))
         for part in REQUIRED:
             cfg = folder.component(part) / CONFIG_FILE[part]
             if not cfg.is_file():
