@@ -1,6 +1,7 @@
 """Measure the anonymous-memory peaks the planner's coefficients come from (runtime/planner.py).
 
-    .venv/bin/python bench/calibrate_memory.py [--model /tmp/sdlite-sd15]
+    .venv/bin/python bench/calibrate_memory.py [--model /tmp/sdlite-sd15] [--taesd DIR]
+    .venv/bin/python bench/calibrate_memory.py --taesd DIR --only taesd     # TAESD decoder cases only
 
 Each measurement runs in a fresh process: load the one network, then run its forward pass while a
 sampling thread records RssAnon every 5 ms; prints the peak above the loaded state as JSON lines,
@@ -19,10 +20,11 @@ CASES = [
     ("text_encoder", 1, 77),
     ("unet", 1, 64), ("unet", 2, 64), ("unet", 2, 32),
     ("vae", 1, 64), ("vae", 1, 32), ("vae", 1, 16),
+    ("taesd", 1, 128), ("taesd", 1, 64), ("taesd", 1, 32),   # with --taesd DIR
 ]
 
 
-def child(model: str, stage: str, batch: int, size: int) -> None:
+def child(model: str, stage: str, batch: int, size: int, taesd: str | None) -> None:
     import torch
     torch.set_num_threads(2)
     from sdlite.runtime import memory
@@ -37,8 +39,8 @@ def child(model: str, stage: str, batch: int, size: int) -> None:
         r = memory.rss()
         print(json.dumps({"stage": "base", "anon": r.anon, "file": r.file}))
         return
-    folder = ModelFolder.open(model)
-    part = LOADERS[stage](folder)
+    folder = ModelFolder.open(model, vae=taesd if stage == "taesd" else None)
+    part = LOADERS["vae" if stage == "taesd" else stage](folder)
     memory.trim()
     before = memory.rss().anon
     prof = Profiler(interval=0.005)
@@ -55,7 +57,7 @@ def child(model: str, stage: str, batch: int, size: int) -> None:
     peak = prof.records[-1].peak_anon - before
     if stage == "unet":
         coef = peak / (batch * size * size)
-    elif stage == "vae":
+    elif stage in ("vae", "taesd"):
         coef = peak / ((size * 8) ** 2)
     else:
         coef = peak
@@ -66,14 +68,18 @@ def child(model: str, stage: str, batch: int, size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/sdlite-sd15")
+    ap.add_argument("--taesd", help="a TAESD (AutoencoderTiny) folder: also measure its decoder")
+    ap.add_argument("--only", help="measure only this stage (base, text_encoder, unet, vae, taesd)")
     ap.add_argument("--child", nargs=3)
     args = ap.parse_args()
     if args.child:
-        child(args.model, args.child[0], int(args.child[1]), int(args.child[2]))
+        child(args.model, args.child[0], int(args.child[1]), int(args.child[2]), args.taesd)
         return
     for stage, batch, size in CASES:
-        subprocess.run([sys.executable, __file__, "--model", args.model, "--child", stage, str(batch),
-                        str(size)], check=True)
+        if (args.only and stage != args.only) or (stage == "taesd" and not args.taesd):
+            continue
+        cmd = [sys.executable, __file__, "--model", args.model, "--child", stage, str(batch), str(size)]
+        subprocess.run(cmd + (["--taesd", args.taesd] if args.taesd else []), check=True)
 
 
 if __name__ == "__main__":

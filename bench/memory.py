@@ -1,7 +1,8 @@
 """Generations inside a real memory cgroup with a hard limit: completed or OOM-killed, peak usage, s/step.
 
     sudo .venv/bin/python bench/memory.py --model fp32=/tmp/sdlite-sd15 --model int8=/tmp/sdlite-sd15-int8 \\
-        [--limits 3G,2G,1.5G,1G,768M,512M] [--peer diffusers=/tmp/sdlite-sd15] [--steps 4] [--size 512]
+        [--limits 3G,2G,1.5G,1G,768M,512M] [--peer diffusers=/tmp/sdlite-sd15] [--steps 4] [--size 512] \
+        [--vae TAESD_DIR]
 
 For every (model, limit): a fresh child cgroup under this process's own memory cgroup (cgroup v1
 `memory.limit_in_bytes`, or v2 `memory.max` with swap off), the model's files evicted from the page
@@ -118,13 +119,13 @@ def evict(folder: str) -> int:
 
 # --- the child processes -------------------------------------------------------------------------
 
-def child_sdlite(model: str, budget: int | None, steps: int, size: int) -> None:
+def child_sdlite(model: str, budget: int | None, steps: int, size: int, vae: str | None = None) -> None:
     import torch
     torch.set_num_threads(2)
     from sdlite.pipeline import Pipeline
     from sdlite.runtime.profiler import Profiler
     prof = Profiler(interval=0.05, echo=sys.stderr)
-    pipe = Pipeline.load(model, memory_budget=budget, width=size, height=size, profiler=prof)
+    pipe = Pipeline.load(model, memory_budget=budget, width=size, height=size, profiler=prof, vae=vae)
     print(f"plan: {pipe.plan.describe()} estimates {pipe.plan.estimates}", file=sys.stderr, flush=True)
     result = pipe.generate("a lighthouse at dusk", steps=steps, cfg_scale=7.5, seed=1, width=size,
                            height=size, sampler="dpm++2m", profiler=prof)
@@ -171,12 +172,16 @@ def parse_size(text: str) -> int:
 
 
 def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, size: int,
-            parent: Path | None, version: int, timeout: float) -> dict:
+            parent: Path | None, version: int, timeout: float, vae: str | None = None) -> dict:
     evict(model)
+    if vae:
+        evict(vae)
     # an unlimited run still gets its own cgroup (with a limit far above need) to measure its peak
     cg = LimitedCgroup(parent, version, f"sdlite-bench-{os.getpid()}-{time.time_ns()}",
                        limit if limit is not None else 64 << 30)
     args = [sys.executable, str(HERE), "--child", engine, model, str(limit or 0), str(steps), str(size)]
+    if vae:
+        args += ["--vae", vae]
     join = f"echo $$ > {cg.procs_file()} && "
     cmd = ["sh", "-c", join + "exec " + " ".join(f"'{a}'" for a in args)]
     t0 = time.perf_counter()
@@ -190,6 +195,8 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
     wall = time.perf_counter() - t0
     row = {"engine": engine, "weights": label, "limit": limit, "size": size, "steps": steps,
            "exit": rc, "wall_s": round(wall, 1), "cgroup": cg.path.name}
+    if vae:
+        row["vae"] = Path(vae).name
     row["peak_cgroup"] = cg.peak()
     row["oom_kills"] = cg.oom_kills()
     cg.remove()
@@ -215,12 +222,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--vae", default=None, help="sdlite runs decode with this VAE folder (e.g. TAESD)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         engine, model, limit, steps, size = args.child
         if engine == "sdlite":
-            child_sdlite(model, int(limit) or None, int(steps), int(size))
+            child_sdlite(model, int(limit) or None, int(steps), int(size), args.vae)
         else:
             child_diffusers(model, int(steps), int(size))
         return
@@ -240,7 +248,8 @@ def main() -> None:
             runs.append(("diffusers", "fp32", folder, None))
         runs += [("diffusers", "fp32", folder, lim) for lim in limits]
     for engine, label, folder, limit in runs:
-        row = run_one(engine, label, folder, limit, args.steps, args.size, parent, version, args.timeout)
+        row = run_one(engine, label, folder, limit, args.steps, args.size, parent, version, args.timeout,
+                      args.vae if engine == "sdlite" else None)
         print(json.dumps(row), flush=True)
 
 

@@ -13,7 +13,8 @@ Prints one JSON line per result.
    PNG encoding, transport and (HTTP) base64 + JSON: everything a client pays for. Because two processes
    on shared cores each have their own run-to-run spread, each service request is also split into the
    server's own pipeline time (its reported timings) and what the service added around it (queue wait,
-   PNG, transport, serialization): service_added_ms, a much less noisy figure.
+   PNG, transport, serialization): service_added_ms, a much less noisy figure. --process-spread N times
+   the direct path in N fresh processes: the end-to-end ratio cannot be read finer than that spread.
 2. overload: a server with --max-concurrency SLOTS and --queue-size QUEUE, driven by 4 x SLOTS closed-loop
    gRPC clients (`sdlite loadtest`). Checks: no OOM kill and the server still up, excess shed with
    RESOURCE_EXHAUSTED, p99 of accepted requests <= depth x single latency x 1.2 where depth = SLOTS + QUEUE
@@ -33,6 +34,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,6 +134,17 @@ def compute_seconds(timings: dict) -> float:
     return sum(s for name, s in timings.items() if name not in SERVICE_STAGES)
 
 
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache (works for pages no process has mapped)."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def http_txt2img(port: int, body: dict) -> tuple[float, float]:
     """(client latency, the server's pipeline compute time) of one A1111 txt2img call."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
@@ -213,6 +226,40 @@ def overhead(args, model: Path) -> None:
              service_added_pct=round(100 * added_s / med["direct"], 2), target_pct=5.0, ok=pct <= 5.0)
 
 
+DIRECT_CHILD = """
+import json, statistics, sys, time
+from sdlite.pipeline import GenerationRequest, Pipeline
+model, threads, repeats, req = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+pipe = Pipeline.load(model, threads=threads)
+pipe.run(GenerationRequest(**req))
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    pipe.run(GenerationRequest(**req))
+    times.append(time.perf_counter() - t0)
+print(json.dumps(statistics.median(times)))
+"""
+
+
+def process_spread(args, model: Path) -> None:
+    """The same direct measurement in N fresh processes, one after another: how far the median of one
+    process lies from another's with nothing else changed (memory layout, thread placement, neighbours).
+    An end-to-end service-vs-direct ratio compares two processes, so it cannot be read finer than this."""
+    req = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size, seed=1234,
+               sampler=args.sampler)
+    medians = []
+    for _ in range(args.process_spread):
+        out = subprocess.run([sys.executable, "-c", DIRECT_CHILD, str(model), str(args.threads),
+                              str(args.repeats), json.dumps(req)],
+                             check=True, capture_output=True, text=True).stdout
+        medians.append(json.loads(out.strip().splitlines()[-1]))
+    mid = statistics.median(medians)
+    emit(bench="serve_process_spread", model=model.name, size=args.size, steps=args.steps,
+         threads=args.threads, processes=len(medians), repeats=args.repeats,
+         medians_s=[round(m, 4) for m in medians],
+         spread_pct=round(100 * (max(medians) - min(medians)) / mid, 2))
+
+
 def overload(args, model: Path) -> None:
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     cgroup = MemoryCgroup.create(None if args.measure_only else budget) if budget else None
@@ -225,6 +272,8 @@ def overload(args, model: Path) -> None:
         server_args += ("--memory-budget", str(budget))  # the planner plans for it, the cgroup enforces it
     payload = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size,
                    sampler=args.sampler)
+    if cgroup:
+        evict(model)  # so the weight pages the server reads are charged to its cgroup, not to whoever cached them
     server = ServerProcess(model, *server_args, startup_timeout=1800,
                            preexec_fn=cgroup.join_fn() if cgroup else None)
     try:
@@ -277,6 +326,8 @@ def main() -> int:
     p.add_argument("--memory-budget", default=None, help="e.g. 3G; a memory cgroup limit where possible")
     p.add_argument("--measure-only", action="store_true",
                    help="a memory cgroup without a limit: measure the server's peak, enforce nothing")
+    p.add_argument("--process-spread", type=int, default=0, metavar="N",
+                   help="also time the direct path in N fresh processes (process-to-process spread)")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-overload", action="store_true")
     args = p.parse_args()
@@ -289,6 +340,8 @@ def main() -> int:
             model = Path(write_random_model("tiny", Path(tmp) / "tiny", seed=0))
         if not args.skip_overhead:
             overhead(args, model)
+        if args.process_spread:
+            process_spread(args, model)
         if not args.skip_overload:
             overload(args, model)
     return 0

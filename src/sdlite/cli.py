@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
     g.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png)")
+    g.add_argument("--vae", metavar="DIR", default=None,
+                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
     g.add_argument("--steps", type=positive_int, default=20)
     g.add_argument("--cfg-scale", type=finite_float, default=7.5)
     g.add_argument("--seed", type=non_negative_int, default=None, help="default: random")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan")
     i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
+    i.add_argument("--vae", metavar="DIR", default=None,
+                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
     i.add_argument("--memory-budget", type=byte_size, action="append", default=None,
                    help="show the plan for this budget (repeatable; default: a few common budgets)")
     i.add_argument("-W", "--width", type=positive_int, default=None)
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", choices=("fp32", "fp16", "int8"), required=True)
 
     r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)")
-    r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15")
+    r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15 (a whole model); taesd or tiny-taesd "
+                                "(a VAE folder for --vae)")
     r.add_argument("output")
     r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
@@ -173,18 +178,20 @@ def cmd_generate(args) -> int:
                             args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
     if args.profile:
         check_output_path(Path(args.profile), suffix=".json")
-    from .runtime.components import native_size
+    from .runtime.components import check_vae_matches, native_size
     from .runtime.profiler import Profiler
     from .weights.model_folder import ModelFolder
 
-    native = native_size(ModelFolder.open(model))
+    folder = ModelFolder.open(model, vae=args.vae)
+    check_vae_matches(folder)
+    native = native_size(folder)
     req.width = args.width or native
     req.height = args.height or native
     req.validate()
     prof = Profiler()
     try:
         pipe = Pipeline.load(model, threads=args.threads, memory_budget=args.memory_budget,
-                             width=req.width, height=req.height, profiler=prof)
+                             width=req.width, height=req.height, profiler=prof, vae=args.vae)
         if args.verbose:
             print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
         progress = None if args.quiet else ProgressBar()
@@ -215,7 +222,7 @@ def cmd_info(args) -> int:
     from .weights.model_folder import ModelFolder
     from .weights.state_dict import load_component_weights
 
-    folder = ModelFolder.open(resolve_model(args.model))
+    folder = ModelFolder.open(resolve_model(args.model), vae=args.vae)
     print(f"model: {folder.root}")
     total_params = total_bytes = 0
     for name in ("text_encoder", "unet", "vae"):
@@ -230,12 +237,16 @@ def cmd_info(args) -> int:
     for name in ("tokenizer", "scheduler"):
         print(f"  {name:<13} {'':>20}{human_bytes(folder.bytes_on_disk(name)):>10} on disk")
     print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {human_bytes(total_bytes):>10}")
-    from .runtime.components import unet_config, vae_config
+    from .runtime.components import check_vae_matches, is_taesd, unet_config, vae_config
+    check_vae_matches(folder)
     ucfg, vcfg = unet_config(folder), vae_config(folder)
     f = 2 ** (len(vcfg.block_out_channels) - 1)
     native = ucfg.sample_size * f
+    vae_kind = "TAESD (AutoencoderTiny)" if is_taesd(vcfg) else "AutoencoderKL"
+    vae_from = "" if folder.component("vae") == folder.root / "vae" else f" from {folder.component('vae')}"
     print(f"  native size: {native}x{native}, "
-          f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}")
+          f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}, "
+          f"vae: {vae_kind}{vae_from}")
 
     from .runtime.planner import GiB, MiB, ModelSizes, PlanError, fmt_bytes, make_plan
     width, height = args.width or native, args.height or native
@@ -274,15 +285,17 @@ def cmd_convert(args) -> int:
 def cmd_random_model(args) -> int:
     import torch
 
-    from .model_configs import ARCHITECTURES
-    from .random_model import write_random_model
+    from .model_configs import ARCHITECTURES, VAE_ARCHITECTURES
+    from .random_model import write_random_model, write_random_vae
 
-    if args.arch not in ARCHITECTURES:
-        raise CliError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if args.arch not in ARCHITECTURES and args.arch not in VAE_ARCHITECTURES:
+        raise CliError(f"unknown architecture {args.arch!r}; choose one of "
+                       f"{', '.join([*ARCHITECTURES, *VAE_ARCHITECTURES])}")
     if Path(args.output).exists():
         raise CliError(f"{args.output}: already exists")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    write_random_model(args.arch, args.output, seed=args.seed, dtype=dtype)
+    write = write_random_vae if args.arch in VAE_ARCHITECTURES else write_random_model
+    write(args.arch, args.output, seed=args.seed, dtype=dtype)
     print(args.output)
     return 0
 
@@ -309,6 +322,8 @@ def positive_float(text: str) -> float:
 def add_serve_parsers(sub) -> None:
     s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service")
     s.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
+    s.add_argument("--vae", metavar="DIR", default=None,
+                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
@@ -375,7 +390,8 @@ def cmd_serve(args) -> int:
                         format="sdlite serve: %(levelname)s %(message)s")
     limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                     max_images=args.max_images)
-    config = ServeConfig(resolve_model(args.model), host=args.host, grpc_port=args.grpc_port,
+    config = ServeConfig(resolve_model(args.model), vae=Path(args.vae) if args.vae else None,
+                         host=args.host, grpc_port=args.grpc_port,
                          http_port=args.http_port,
                          port_file=Path(args.port_file) if args.port_file else None,
                          threads=args.threads, memory_budget=args.memory_budget,

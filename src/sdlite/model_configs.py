@@ -120,6 +120,29 @@ TINY_VAE = _merged(SD15_VAE, block_out_channels=[32, 64], down_block_types=["Dow
                    up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8,
                    sample_size=64)
 
+# TAESD as diffusers' AutoencoderTiny (madebyollin/taesd): a drop-in decoder for SD 1.x latents
+TAESD = {
+    "_class_name": "AutoencoderTiny",
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "latent_channels": 4,
+    "upsampling_scaling_factor": 2,
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "force_upcast": False,
+    "scaling_factor": 1.0,
+}
+
+# matches the tiny models' VAE: one 2x upsampling (latents at half the image size)
+TINY_TAESD = _merged(TAESD, encoder_block_out_channels=[16, 16], decoder_block_out_channels=[16, 16],
+                     num_encoder_blocks=[1, 1], num_decoder_blocks=[1, 2])
+
 TINY_TEXT = _merged(SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, projection_dim=32)
 
@@ -134,6 +157,10 @@ ARCHITECTURES: dict[str, dict] = {
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT,
              "scheduler": SD15_SCHEDULER, "vocab_size": 49408},
 }
+
+
+# VAE-only folders (`sdlite random-model taesd DIR`), to pass as `--vae DIR`
+VAE_ARCHITECTURES: dict[str, dict] = {"taesd": TAESD, "tiny-taesd": TINY_TAESD}
 
 
 def architecture(name: str) -> dict:

@@ -28,8 +28,8 @@ from .errors import Cancelled, InvalidRequest
 from .models.config import read_json
 from .runtime import memory
 from .runtime.attention import set_attention
-from .runtime.components import (LOADERS, LoadedComponent, native_size, text_config, unet_config,
-                                 vae_config)
+from .runtime.components import (LOADERS, LoadedComponent, check_vae_matches, native_size, text_config,
+                                 unet_config, vae_config)
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.lazy_weights import set_layer_chunking
 from .runtime.planner import (STAGES, ModelSizes, Plan, PlanError, fmt_bytes, make_plan,
@@ -145,13 +145,16 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, *, memory_budget: int | str | None = None, plan: Plan | None = None,
              width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
-             threads: int | None = None, profiler: Profiler | None = None) -> "Pipeline":
+             threads: int | None = None, profiler: Profiler | None = None,
+             vae: str | Path | None = None) -> "Pipeline":
         """Open a diffusers model folder. With `memory_budget` (bytes or '1.5G'), plan the levers for
         `width` x `height` (default: the model's native size) first and refuse, before loading anything,
-        when nothing fits (`PlanError`, with the smallest budget that would)."""
+        when nothing fits (`PlanError`, with the smallest budget that would). `vae`: another VAE folder
+        to decode with, e.g. TAESD (a diffusers AutoencoderTiny folder)."""
         if threads is not None:
             torch.set_num_threads(threads)
-        folder = ModelFolder.open(path)
+        folder = ModelFolder.open(path, vae=vae)
+        check_vae_matches(folder)
         tokenizer = ClipTokenizer.from_folder(folder.component("tokenizer"))
         scheduler_config = read_json(folder.component("scheduler") / "scheduler_config.json")
         if isinstance(memory_budget, str):
@@ -212,6 +215,12 @@ class Pipeline:
     @property
     def vae(self) -> LoadedComponent:
         return self._component("vae")
+
+    @property
+    def vae_name(self) -> str | None:
+        """The folder name of a VAE given instead of the model's own (None for the model's own)."""
+        path = self.folder.component("vae")
+        return None if path == self.folder.root / "vae" else path.resolve().name
 
     @property
     def vae_scale_factor(self) -> int:
@@ -395,7 +404,8 @@ class Pipeline:
             raise
         records = prof.records[first:]
         timings = [StageTiming(r.name, r.seconds) for r in records]
-        return GenerationResult(image, request, format_parameters(request, self.folder.name), timings,
+        return GenerationResult(image, request, format_parameters(request, self.folder.name, self.vae_name),
+                                timings,
                                 final, plan, prof.to_dict())
 
 
@@ -407,7 +417,7 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
-def format_parameters(request: GenerationRequest, model_name: str) -> str:
+def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None) -> str:
     """The A1111-style `parameters` text that image viewers and other tools read back."""
     lines = [request.prompt]
     if request.negative_prompt:
@@ -420,6 +430,8 @@ def format_parameters(request: GenerationRequest, model_name: str) -> str:
         ("Size", f"{request.width}x{request.height}"),
         ("Model", model_name),
     ]
+    if vae_name:
+        fields.append(("VAE", vae_name))
     if request.clip_skip:
         fields.append(("Clip skip", request.clip_skip + 1))
     fields.append(("Version", "sdlite"))

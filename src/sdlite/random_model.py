@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .model_configs import architecture
+from .model_configs import VAE_ARCHITECTURES, architecture
 from .models.clip_text import CLIPTextConfig, CLIPTextModel
 from .models.config import config_from_dict
 from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.taesd import AutoencoderTiny, TAESDConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .tokenizer_files import write_clip_tokenizer
 from .weights.safetensors_mmap import save_safetensors
@@ -100,6 +101,30 @@ def write_random_model(arch: str, folder: str | Path, seed: int = 0,
         (tmp / "README.md").write_text(
             f"# random {arch}\n\nRandom weights (seed {seed}) written by `sdlite random-model`; "
             "for tests and benchmarks only: it draws noise, not pictures.\n", encoding="utf-8")
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_random_vae(arch: str, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A random-weight VAE folder (config.json + diffusion_pytorch_model.safetensors), written atomically:
+    `taesd` (SD 1.x TAESD shapes) or `tiny-taesd` (for the tiny test models)."""
+    if arch not in VAE_ARCHITECTURES:
+        raise KeyError(f"unknown VAE architecture {arch!r}; choose one of {', '.join(VAE_ARCHITECTURES)}")
+    cfg = dict(VAE_ARCHITECTURES[arch])
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder}: already exists")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with torch.device("meta"):
+            module = AutoencoderTiny(config_from_dict(TAESDConfig, cfg), with_encoder=True)
+        tensors = random_state_dict(module, torch.Generator().manual_seed(seed), dtype)
+        _write_json(tmp / "config.json", cfg)
+        save_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

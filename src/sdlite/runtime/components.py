@@ -13,11 +13,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import ModelFolderError
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
-from ..models.config import load_config
+from ..models.config import config_from_dict, load_config
+from ..models.taesd import CLASS_NAME as TAESD_CLASS
+from ..models.taesd import AutoencoderTiny, TAESDConfig
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..weights.model_folder import ModelFolder
+from ..weights.model_folder import ModelFolder, read_json
 from ..weights.state_dict import ComponentWeights, load_component_weights, load_into
 from .lazy_weights import SCALE_SUFFIX, dequantize, prepare_stored_weight, swap_layers
 
@@ -113,12 +116,38 @@ def unet_config(folder: ModelFolder) -> UNetConfig:
     return load_config(UNetConfig, folder.component("unet") / "config.json")
 
 
-def vae_config(folder: ModelFolder) -> VAEConfig:
-    return load_config(VAEConfig, folder.component("vae") / "config.json")
+VAE_CLASSES = {"AutoencoderKL": VAEConfig, TAESD_CLASS: TAESDConfig}
+
+
+def vae_config(folder: ModelFolder) -> VAEConfig | TAESDConfig:
+    """The SD VAE's config, or TAESD's when the vae folder holds an AutoencoderTiny."""
+    path = folder.component("vae") / "config.json"
+    data = read_json(path)
+    name = data.get("_class_name", "AutoencoderKL")
+    cls = VAE_CLASSES.get(name)
+    if cls is None:
+        raise ModelFolderError(f"{path}: VAE class {name!r} is not supported "
+                               f"(supported: {', '.join(VAE_CLASSES)})")
+    try:
+        return config_from_dict(cls, data)
+    except (TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{path}: bad config ({exc})") from None
+
+
+def is_taesd(cfg) -> bool:
+    return isinstance(cfg, TAESDConfig)
 
 
 def text_config(folder: ModelFolder) -> CLIPTextConfig:
     return load_config(CLIPTextConfig, folder.component("text_encoder") / "config.json")
+
+
+def check_vae_matches(folder: ModelFolder) -> None:
+    """The VAE (the model's own, or one given instead) must read the latents this UNet makes."""
+    unet, vae = unet_config(folder), vae_config(folder)
+    if vae.latent_channels != unet.out_channels:
+        raise ModelFolderError(f"{folder.component('vae')}: this VAE decodes {vae.latent_channels}-channel "
+                               f"latents, but the UNet makes {unet.out_channels}-channel ones")
 
 
 def native_size(folder: ModelFolder) -> int:
@@ -136,7 +165,8 @@ def load_unet(folder: ModelFolder, dtype: torch.dtype = torch.float32,
 def load_vae(folder: ModelFolder, dtype: torch.dtype = torch.float32, with_encoder: bool = False,
              weights_mode: str = "lazy") -> LoadedComponent:
     cfg = vae_config(folder)
-    module = _build(lambda: AutoencoderKL(cfg, with_encoder=with_encoder))
+    network = AutoencoderTiny if is_taesd(cfg) else AutoencoderKL
+    module = _build(lambda: network(cfg, with_encoder=with_encoder))
     return _load(folder, "vae", module, dtype, None if with_encoder else decoder_only_key,
                  weights_mode=weights_mode)
 

@@ -45,6 +45,9 @@ GiB = 1024 * MiB
 # UNet stage peaks at +480 MB above the loaded state with whole layers (largest 118 MB) and +236 MB
 # with layers computed in 16 MB slices -> 164 MB + 2.39 x the largest (sliced) layer, of which one
 # is the dequantization workspace counted separately for fp16/int8 weights.
+# TAESD decoder (SD 1.x shapes, 64 wide; `bench/calibrate_memory.py --taesd DIR --only taesd`): 1074 MB at
+# 1024x1024 output, 321 MB at 512x512, 119 MB at 256x256 -> 67 MiB + 960 B per output pixel (a quarter of
+# the SD VAE's per-pixel cost).
 ACTIVATION_BYTES = {
     "unet_const": 164 * MiB,
     "unet_const_x_largest_layer": 1.39,
@@ -54,6 +57,10 @@ ACTIVATION_BYTES = {
     "vae_tiled_const": 217 * MiB,
     "vae_per_tile_px": 3_650,          # per pixel of one tile, tiled decoding
     "text": 24 * MiB,                  # CLIP-L over 77 tokens, batch 1 (measured 11 MB)
+    "taesd_const": 67 * MiB,           # TAESD decoder, 64 wide (see above)
+    "taesd_per_image_px": 960,
+    "taesd_tiled_const": 67 * MiB,     # a tile costs what a whole image of its size does (no norms,
+    "taesd_per_tile_px": 960,          # no attention: nothing is shared across tiles)
 }
 SAFETY = 1.05                          # on anonymous memory: the samplers above miss short spikes
 # python + torch + sdlite imported and warmed up, as charged to a fresh cgroup: 164 MB anon at import,
@@ -106,14 +113,18 @@ class ModelSizes:
     vae_factor: int
     latent_channels: int
     vae_channels: int = 128
+    vae_kind: str = "kl"       # "kl": the SD VAE (AutoencoderKL); "taesd": the tiny autoencoder
 
     @classmethod
     def of(cls, folder: ModelFolder) -> "ModelSizes":
-        from .components import unet_config, vae_config
+        from .components import is_taesd, unet_config, vae_config
         ucfg, vcfg = unet_config(folder), vae_config(folder)
+        kind = "taesd" if is_taesd(vcfg) else "kl"
+        # the widest full-resolution layer sets the activation sizes: the SD VAE's last up block, TAESD's
+        vae_channels = vcfg.block_out_channels[-1 if kind == "taesd" else 0]
         return cls(ComponentSize.of(folder, "text_encoder"), ComponentSize.of(folder, "unet"),
                    ComponentSize.of(folder, "vae"), ucfg.block_out_channels[0],
-                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels, vcfg.block_out_channels[0])
+                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels, vae_channels, kind)
 
     def component(self, name: str) -> ComponentSize:
         return getattr(self, name)
@@ -164,15 +175,17 @@ def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: 
         const = (ACTIVATION_BYTES["unet_const"] * scale
                  + ACTIVATION_BYTES["unet_const_x_largest_layer"] * _largest(sizes.unet, plan))
         return int(const + ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
-    scale = sizes.vae_channels / 128
-    const = ACTIVATION_BYTES["vae_const"]
+    if sizes.vae_kind == "taesd":
+        scale, key = sizes.vae_channels / 64, "taesd"
+    else:
+        scale, key = sizes.vae_channels / 128, "vae"
     if plan.vae_tile:
         tw = min(plan.vae_tile, width // f) * f
         th = min(plan.vae_tile, height // f) * f
         px_out = width * height  # the blended output and its weights (fp32)
-        return int(ACTIVATION_BYTES["vae_tiled_const"] + ACTIVATION_BYTES["vae_per_tile_px"] * scale * tw * th
+        return int(ACTIVATION_BYTES[f"{key}_tiled_const"] + ACTIVATION_BYTES[f"{key}_per_tile_px"] * scale * tw * th
                    + 16 * px_out)
-    return int(const + ACTIVATION_BYTES["vae_per_image_px"] * scale * width * height)
+    return int(ACTIVATION_BYTES[f"{key}_const"] + ACTIVATION_BYTES[f"{key}_per_image_px"] * scale * width * height)
 
 
 STAGES = ("text_encoder", "unet", "vae")

@@ -20,6 +20,7 @@ class Limits:
 @dataclass
 class ServeConfig:
     model: Path
+    vae: Path | None = None         # another VAE folder to decode with (e.g. TAESD)
     host: str = "127.0.0.1"
     grpc_port: int | None = 50051   # None: no gRPC front end; 0: an ephemeral port
     http_port: int | None = 7860    # None: no HTTP front end; 0: an ephemeral port

@@ -106,7 +106,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         apply_oom_score_adj(config.oom_score_adj)
     t0 = time.perf_counter()
     budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
-    pipe = _off_main_thread(lambda: Pipeline.load(config.model, threads=config.threads, **budget))
+    pipe = _off_main_thread(lambda: Pipeline.load(config.model, threads=config.threads, vae=config.vae,
+                                                  **budget))
     try:
         defaults = Defaults.for_pipeline(pipe)
         if warmup and not stop.is_set():

@@ -37,9 +37,13 @@ def read_json(path: str | Path) -> dict:
 class ModelFolder:
     root: Path
     index: dict
+    # components taken from another folder than root/<name>, e.g. (("vae", Path("taesd")),)
+    replaced: tuple[tuple[str, Path], ...] = ()
 
     @classmethod
-    def open(cls, path: str | Path) -> "ModelFolder":
+    def open(cls, path: str | Path, *, vae: str | Path | None = None) -> "ModelFolder":
+        """`vae`: a VAE folder (config.json + weights, e.g. a TAESD / AutoencoderTiny) used instead of
+        the model's own `vae/`."""
         root = Path(path)
         if not root.exists():
             raise ModelFolderError(f"{root}: no such model folder")
@@ -50,7 +54,16 @@ class ModelFolder:
         index_path = root / "model_index.json"
         if not index_path.is_file():
             raise ModelFolderError(f"{root}: not a diffusers model folder (no model_index.json)")
-        folder = cls(root, read_json(index_path))
+        replaced = ()
+        if vae is not None:
+            vae = Path(vae)
+            if not vae.is_dir():
+                what = "is a file" if vae.exists() else "no such folder"
+                raise ModelFolderError(f"{vae}: {what}; --vae takes a VAE folder (config.json and weights)")
+            if not (vae / "config.json").is_file():
+                raise ModelFolderError(f"{vae}: not a VAE folder (no config.json)")
+            replaced = (("vae", vae),)
+        folder = cls(root, read_json(index_path), replaced)
         for part in REQUIRED:
             cfg = folder.component(part) / CONFIG_FILE[part]
             if not cfg.is_file():
@@ -58,10 +71,13 @@ class ModelFolder:
         return folder
 
     def component(self, name: str) -> Path:
+        for part, path in self.replaced:
+            if part == name:
+                return path
         return self.root / name
 
     def has(self, name: str) -> bool:
-        return (self.root / name).is_dir()
+        return self.component(name).is_dir()
 
     @property
     def name(self) -> str:
