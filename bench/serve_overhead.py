@@ -45,6 +45,7 @@ import grpc
 
 from sdlite.loadtest import Target, run_loadtest
 from sdlite.pipeline import GenerationRequest, Pipeline
+from sdlite.runtime.memory import drop_file_cache
 from sdlite.serve import sdlite_pb2 as pb
 from sdlite.serve import sdlite_pb2_grpc as pb_grpc
 from sdlite.serve.process import ServerProcess
@@ -138,11 +139,7 @@ def evict(folder: Path) -> None:
     """Drop the folder's files from the page cache (works for pages no process has mapped)."""
     for p in Path(folder).rglob("*"):
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_file_cache(p)
 
 
 def http_txt2img(port: int, body: dict) -> tuple[float, float]:
@@ -229,6 +226,7 @@ def overhead(args, model: Path) -> None:
 DIRECT_CHILD = """
 import json, statistics, sys, time
 from sdlite.pipeline import GenerationRequest, Pipeline
+from sdlite.runtime.memory import drop_file_cache
 model, threads, repeats, req = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 pipe = Pipeline.load(model, threads=threads)
 pipe.run(GenerationRequest(**req))

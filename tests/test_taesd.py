@@ -172,3 +172,17 @@ def test_taesd_config_checks():
         AutoencoderTiny(config_from_dict(TAESDConfig, dict(TAESD, act_fn="silu")))
     with pytest.raises(ModelFolderError, match="must all be equal"):
         AutoencoderTiny(config_from_dict(TAESDConfig, dict(TAESD, decoder_block_out_channels=[64, 32, 64, 64])))
+
+
+def test_serve_decodes_with_the_given_vae(tiny_model, tiny_taesd):
+    grpc = pytest.importorskip("grpc")
+    from sdlite.serve import sdlite_pb2 as pb
+    from sdlite.serve import sdlite_pb2_grpc as pb_grpc
+    from sdlite.serve.process import ServerProcess
+
+    with ServerProcess(tiny_model, "--vae", str(tiny_taesd), "--threads", "1", "--grpc-port", "0",
+                       "--http-port", "off", "--no-warmup") as server, \
+            grpc.insecure_channel(server.grpc_target) as channel:
+        r = pb_grpc.TextToImageStub(channel).Generate(
+            pb.GenerateRequest(prompt="a red circle", steps=2, width=32, height=32, seed=1), timeout=60)
+    assert "VAE: tiny-taesd" in r.parameters
