@@ -9,10 +9,12 @@ tokenizer files), so it exercises exactly the code paths real checkpoints use, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,16 +67,28 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def write_random_model(arch: str, folder: str | Path, seed: int = 0,
-                       dtype: torch.dtype = torch.float32) -> Path:
-    """Write the folder atomically: built in a temporary sibling, renamed into place when complete."""
-    spec = architecture(arch)
+@contextlib.contextmanager
+def _atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `folder` to fill; renamed into place when the block completes,
+    removed when it raises, so a failed write leaves nothing behind."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder}: already exists")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        yield tmp
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_random_model(arch: str, folder: str | Path, seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> Path:
+    """Write the folder atomically: built in a temporary sibling, renamed into place when complete."""
+    spec = architecture(arch)
+    with _atomic_folder(folder) as tmp:
         g = torch.Generator().manual_seed(seed)
         vocab = write_clip_tokenizer(tmp / "tokenizer", vocab_size=min(spec["vocab_size"], 4000))
         text_cfg = spec["text_encoder"]
@@ -101,11 +115,7 @@ def write_random_model(arch: str, folder: str | Path, seed: int = 0,
         (tmp / "README.md").write_text(
             f"# random {arch}\n\nRandom weights (seed {seed}) written by `sdlite random-model`; "
             "for tests and benchmarks only: it draws noise, not pictures.\n", encoding="utf-8")
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def write_random_vae(arch: str, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
@@ -114,19 +124,10 @@ def write_random_vae(arch: str, folder: str | Path, seed: int = 0, dtype: torch.
     if arch not in VAE_ARCHITECTURES:
         raise KeyError(f"unknown VAE architecture {arch!r}; choose one of {', '.join(VAE_ARCHITECTURES)}")
     cfg = dict(VAE_ARCHITECTURES[arch])
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder}: already exists")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with _atomic_folder(folder) as tmp:
         with torch.device("meta"):
             module = AutoencoderTiny(config_from_dict(TAESDConfig, cfg), with_encoder=True)
         tensors = random_state_dict(module, torch.Generator().manual_seed(seed), dtype)
         _write_json(tmp / "config.json", cfg)
         save_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
