@@ -28,6 +28,7 @@ from .errors import Cancelled, InvalidRequest
 from .models.config import read_json
 from .runtime import memory
 from .runtime.attention import set_attention
+from .runtime.compute_thread import run_on_compute_thread
 from .runtime.components import (LOADERS, LoadedComponent, check_vae_matches, native_size, text_config,
                                  unet_config, vae_config)
 from .runtime.kv_cache import cross_attention_cache
@@ -150,7 +151,14 @@ class Pipeline:
         """Open a diffusers model folder. With `memory_budget` (bytes or '1.5G'), plan the levers for
         `width` x `height` (default: the model's native size) first and refuse, before loading anything,
         when nothing fits (`PlanError`, with the smallest budget that would). `vae`: another VAE folder
-        to decode with, e.g. TAESD (a diffusers AutoencoderTiny folder)."""
+        to decode with, e.g. TAESD (a diffusers AutoencoderTiny folder).
+
+        Loading, like every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
+        return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, dtype, threads,
+                                     profiler, vae)
+
+    @classmethod
+    def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae) -> "Pipeline":
         if threads is not None:
             torch.set_num_threads(threads)
         folder = ModelFolder.open(path, vae=vae)
@@ -342,12 +350,18 @@ class Pipeline:
             latents: torch.Tensor | None = None,
             profiler: Profiler | None = None) -> GenerationResult:
         request.validate()
-        is_cancelled = _cancel_check(cancel)
+        cancelled = _cancel_check(cancel)
+        interrupted = threading.Event()  # the caller stopped waiting (e.g. Ctrl-C): stop at the next step
+
+        def is_cancelled() -> bool:
+            return interrupted.is_set() or cancelled()
+
         own_profiler = profiler is None
         prof = profiler or Profiler(sample=False)
         try:
             with self._lock:
-                return self._run(request, progress, is_cancelled, latents, prof)
+                return run_on_compute_thread(self._run, request, progress, is_cancelled, latents, prof,
+                                             on_interrupt=interrupted.set)
         finally:
             if own_profiler:
                 prof.close()

@@ -68,31 +68,6 @@ def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
             signal.signal(s, handler)
 
 
-def _off_main_thread(fn):
-    """Run `fn` on a short-lived thread and return its result (or raise its error).
-
-    torch's OpenMP runtime keeps a thread team per thread that has run parallel work; with a team for
-    the main thread and another for the executor's worker there are more spinning threads than cores,
-    libgomp stops spinning, and every generation got about 40 % slower (tiny model, 2 cores). Loading
-    and warming up here keeps the main thread free of torch work; this thread's team ends with it.
-    """
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised on the caller's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, name="sdlite-load", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.2)  # short waits keep signal handlers running on the main thread
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
     from ..pipeline import GenerationRequest, Pipeline
     from .breaker import CircuitBreaker
@@ -106,16 +81,16 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         apply_oom_score_adj(config.oom_score_adj)
     t0 = time.perf_counter()
     budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
-    pipe = _off_main_thread(lambda: Pipeline.load(config.model, threads=config.threads, vae=config.vae,
-                                                  **budget))
+    # loading and every generation run on sdlite's one compute thread (runtime.compute_thread): the main
+    # thread and the slots only wait, so torch keeps one OpenMP team and signal handlers keep running
+    pipe = Pipeline.load(config.model, threads=config.threads, vae=config.vae, **budget)
     try:
         defaults = Defaults.for_pipeline(pipe)
         if warmup and not stop.is_set():
             f = pipe.vae_scale_factor
             try:
-                _off_main_thread(lambda: pipe.run(GenerationRequest(
-                    "warm-up", steps=1, width=8 * f, height=8 * f, seed=0, sampler=defaults.sampler),
-                    cancel=stop))
+                pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0,
+                                           sampler=defaults.sampler), cancel=stop)
             except Cancelled:
                 pass
         load_s = time.perf_counter() - t0

@@ -1,0 +1,76 @@
+"""One long-lived thread for sdlite's torch work in a process, whichever thread asks for it.
+
+torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that has run parallel
+work. As soon as two teams exist there are more spinning threads than cores, libgomp stops spinning, and
+every small op waits on a futex: on 2 cores the tiny model generated 35 % slower when `generate` was
+called from a thread pool after the model had been warmed up on the main thread, and the service was
+40 % slower before it moved its work off the main thread. So `Pipeline.load` and `Pipeline.run` hand
+their work to this one thread and wait for it. Callers may be any threads (a web framework's pool, the
+service's slots); the work still runs on one team.
+
+While it waits, the calling thread stays responsive: signal handlers run, and a KeyboardInterrupt (or any
+other exception raised in the waiting thread) calls `on_interrupt` (e.g. "cancel at the next step") and is
+re-raised. The thread is a daemon: a process that exits does not wait for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+_jobs: queue.SimpleQueue = queue.SimpleQueue()
+_thread: threading.Thread | None = None
+_start_lock = threading.Lock()
+WAIT_SLICE = 0.2  # seconds; the waiting thread wakes this often (signal handlers run in between)
+
+
+def _loop() -> None:
+    while True:
+        future, fn, args, kwargs = _jobs.get()
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            future.set_exception(exc)
+        del future, fn, args, kwargs  # drop references (tensors, results) before waiting again
+
+
+def compute_thread() -> threading.Thread:
+    global _thread
+    with _start_lock:
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_loop, name="sdlite-compute", daemon=True)
+            _thread.start()
+        return _thread
+
+
+def on_compute_thread() -> bool:
+    return threading.current_thread() is _thread
+
+
+def run_on_compute_thread(fn: Callable[..., T], *args, on_interrupt: Callable[[], None] | None = None,
+                          **kwargs) -> T:
+    """`fn(*args, **kwargs)` on the compute thread; its result or its exception, in the caller."""
+    if on_compute_thread():
+        return fn(*args, **kwargs)
+    compute_thread()
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    _jobs.put((future, fn, args, kwargs))
+    try:
+        while True:
+            try:
+                return future.result(timeout=WAIT_SLICE)
+            except concurrent.futures.TimeoutError:
+                if future.done():  # fn itself raised a TimeoutError
+                    raise
+                continue
+    except BaseException:
+        if not future.done():
+            if not future.cancel() and on_interrupt is not None:  # already running: ask it to stop
+                on_interrupt()
+        raise
