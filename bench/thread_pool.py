@@ -7,7 +7,8 @@ A web framework calls the library from its worker threads. torch's OpenMP runtim
 per calling thread, and a second team made every generation about 35 % slower on 2 cores. sdlite runs its
 work on one compute thread (runtime.compute_thread), so the two should now take the same time. Each mode
 runs in a fresh process (a team, once made, lives as long as its thread); the rounds alternate the two
-modes. One JSON line per process, then the medians and their ratio. Run it on a quiet machine.
+modes. A third mode does some torch work of its own on the main thread first (a second team again,
+now the caller's). One JSON line per process, then the medians and their ratios. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def one():
     pipe.generate("a red circle on a blue background", steps=20, seed=1, width=64, height=64)
     return time.perf_counter() - t0
 one()  # warm-up, on the main thread
+if mode == "main-after-torch":  # the caller's own torch work on the main thread, then sdlite's
+    import torch
+    torch.randn(512, 512) @ torch.randn(512, 512)
+    mode = "main"
 if mode == "main":
     times = [one() for _ in range(repeats)]
 else:
@@ -54,7 +59,7 @@ def main() -> int:
         if model is None:
             from sdlite.random_model import write_random_model
             model = str(write_random_model("tiny", Path(tmp) / "tiny"))
-        medians = {"main": [], "pool": []}
+        medians = {"main": [], "pool": [], "main-after-torch": []}
         for _ in range(args.rounds):
             for mode in medians:
                 out = subprocess.run([sys.executable, "-c", CHILD, model, mode, str(args.repeats)],
@@ -62,9 +67,11 @@ def main() -> int:
                 medians[mode].append(json.loads(out.strip().splitlines()[-1]))
                 print(json.dumps({"bench": "thread_pool", "mode": mode,
                                   "median_s": round(medians[mode][-1], 4)}), flush=True)
-        main_s, pool_s = statistics.median(medians["main"]), statistics.median(medians["pool"])
-        print(json.dumps({"bench": "thread_pool", "result": "ratio", "main_s": round(main_s, 4),
-                          "pool_s": round(pool_s, 4), "pool_over_main": round(pool_s / main_s, 3)}))
+        med = {mode: statistics.median(v) for mode, v in medians.items()}
+        print(json.dumps({"bench": "thread_pool", "result": "ratio",
+                          **{f"{mode}_s": round(v, 4) for mode, v in med.items()},
+                          "pool_over_main": round(med["pool"] / med["main"], 3),
+                          "after_torch_over_main": round(med["main-after-torch"] / med["main"], 3)}))
     return 0
 
 

@@ -93,3 +93,10 @@ def test_a_job_still_waiting_is_dropped_when_its_caller_is_interrupted():
     blocker.join(5)
     assert run_on_compute_thread(lambda: "after") == "after"
     assert ran == []  # cancelled before it started
+
+
+def test_sdlite_compute_thread_0_runs_on_the_calling_thread(monkeypatch):
+    monkeypatch.setenv("SDLITE_COMPUTE_THREAD", "0")
+    assert run_on_compute_thread(lambda: threading.current_thread().name) == threading.current_thread().name
+    monkeypatch.delenv("SDLITE_COMPUTE_THREAD")
+    assert run_on_compute_thread(lambda: threading.current_thread().name) == "sdlite-compute"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .model_configs import VAE_ARCHITECTURES, architecture
+from .runtime.compute_thread import run_on_compute_thread
 from .models.clip_text import CLIPTextConfig, CLIPTextModel
 from .models.config import config_from_dict
 from .models.unet import UNet2DConditionModel, UNetConfig
@@ -86,7 +87,12 @@ def _atomic_folder(folder: str | Path) -> Iterator[Path]:
 
 def write_random_model(arch: str, folder: str | Path, seed: int = 0,
                        dtype: torch.dtype = torch.float32) -> Path:
-    """Write the folder atomically: built in a temporary sibling, renamed into place when complete."""
+    """Write the folder atomically: built in a temporary sibling, renamed into place when complete.
+    The torch work runs on sdlite's compute thread, like the generations that follow."""
+    return run_on_compute_thread(_write_random_model, arch, folder, seed, dtype)
+
+
+def _write_random_model(arch: str, folder: str | Path, seed: int, dtype: torch.dtype) -> Path:
     spec = architecture(arch)
     with _atomic_folder(folder) as tmp:
         g = torch.Generator().manual_seed(seed)

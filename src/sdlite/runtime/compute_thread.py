@@ -11,11 +11,17 @@ service's slots); the work still runs on one team.
 While it waits, the calling thread stays responsive: signal handlers run, and a KeyboardInterrupt (or any
 other exception raised in the waiting thread) calls `on_interrupt` (e.g. "cancel at the next step") and is
 re-raised. The thread is a daemon: a process that exits does not wait for it.
+
+The flip side: torch work the caller does on its own threads (say on the main thread, before or between
+generations) makes a second team again; `bench/thread_pool.py` measured generation 1.4x to 1.6x slower after a
+matmul on the main thread. Run such work here too (`run_on_compute_thread(fn)`), or set
+SDLITE_COMPUTE_THREAD=0 to run sdlite's work on the calling thread as before.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import queue
 import threading
 from typing import Callable, TypeVar
@@ -56,7 +62,7 @@ def on_compute_thread() -> bool:
 def run_on_compute_thread(fn: Callable[..., T], *args, on_interrupt: Callable[[], None] | None = None,
                           **kwargs) -> T:
     """`fn(*args, **kwargs)` on the compute thread; its result or its exception, in the caller."""
-    if on_compute_thread():
+    if on_compute_thread() or os.environ.get("SDLITE_COMPUTE_THREAD", "1").lower() in ("0", "off", "no"):
         return fn(*args, **kwargs)
     compute_thread()
     future: concurrent.futures.Future = concurrent.futures.Future()
