@@ -163,3 +163,12 @@ def test_random_model_refuses_unknown_arch_and_existing_folder(tiny_model, tmp_p
     assert code == 2 and "unknown architecture" in err
     code, _, err = run(["random-model", "tiny", str(tiny_model)], capsys)
     assert code == 2 and "already exists" in err
+
+
+def test_steps_the_schedule_cannot_place_are_one_line_exit_2(tiny_model, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    code = main(["generate", "x", "-m", str(tiny_model), "--steps", "1000", "--sampler", "ddim", "-o", str(out),
+                 "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "steps: 1000 steps do not fit" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -178,6 +178,24 @@ def test_bad_steps(steps):
     assert e.value.field == "steps"
 
 
+@pytest.mark.parametrize("name, spacing, steps", [("dpm++2m", "leading", 1000), ("dpm++2m", "leading", 999),
+                                                   ("dpm++2m", "linspace", 1000), ("ddim", "leading", 1000)])
+def test_step_counts_the_spacing_cannot_place_are_refused(name, spacing, steps):
+    """Where diffusers would divide by zero (repeated DPM-Solver sigmas: a NaN image) or index past
+    its table (DDIM at timestep 1000), the step count is refused up front, naming the field."""
+    with pytest.raises(InvalidRequest, match="do not fit") as e:
+        timesteps_for(name, steps, dict(SD15, timestep_spacing=spacing))
+    assert e.value.field == "steps"
+
+
+@pytest.mark.parametrize("name, spacing, steps", [("dpm++2m", "leading", 998), ("dpm++2m_karras", "leading", 1000),
+                                                   ("ddim", "leading", 999), ("ddim", "trailing", 1000),
+                                                   ("euler", "leading", 1000)])
+def test_the_largest_step_counts_that_fit_still_run(name, spacing, steps):
+    t = timesteps_for(name, steps, dict(SD15, timestep_spacing=spacing))
+    assert torch.isfinite(t).all() and len(t) >= steps
+
+
 def test_lcm_steps_above_original_steps():
     with pytest.raises(InvalidRequest) as e:
         sample("lcm", fake_unet([]), torch.zeros(SHAPE), 51, SD15)

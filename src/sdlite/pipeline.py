@@ -350,6 +350,7 @@ class Pipeline:
             latents: torch.Tensor | None = None,
             profiler: Profiler | None = None) -> GenerationResult:
         request.validate()
+        samplers.timesteps_for(request.sampler, request.steps, self.scheduler_config)  # steps fit the schedule
         cancelled = _cancel_check(cancel)
         interrupted = threading.Event()  # the caller stopped waiting (e.g. Ctrl-C): stop at the next step
 

@@ -21,6 +21,7 @@ import numbers
 from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch
 
 from sdlite.errors import InvalidRequest
@@ -80,6 +81,9 @@ def _plan(name: str, steps: int, config: dict):
     if name == "ddim":
         cfg = S.resolve_config("DDIMScheduler", config)
         _check_steps(steps, cfg["num_train_timesteps"], "the model's num_train_timesteps")
+        _check_schedule(S.spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"],
+                                           cfg["steps_offset"]).round(), steps, cfg,
+                        limit=cfg["num_train_timesteps"] - 1)
         timesteps, alphas, alphas_next = S.ddim_schedule(cfg, steps)
         run = partial(sample_ddim, timesteps=timesteps, alphas=alphas, alphas_next=alphas_next,
                       prediction_type=cfg["prediction_type"], clip_sample=_clip(cfg))
@@ -91,6 +95,7 @@ def _plan(name: str, steps: int, config: dict):
                                algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
         _check_steps(steps, cfg["num_train_timesteps"], "the model's num_train_timesteps")
         timesteps, sigmas = S.dpm_solver_schedule(cfg, steps, karras)
+        _check_schedule(sigmas.numpy()[:-1], steps, cfg)  # the solver's steps are log-sigma differences
         run = partial(sample_dpmpp_2m, timesteps=timesteps, sigmas=sigmas, prediction_type=cfg["prediction_type"],
                       lower_order_final=cfg["lower_order_final"], euler_at_final=cfg["euler_at_final"])
         return timesteps, 1.0, run
@@ -116,6 +121,19 @@ def _plan(name: str, steps: int, config: dict):
 def _check_steps(steps: int, limit: int, what: str) -> None:
     if steps > limit:
         raise InvalidRequest("steps", f"{steps} steps is more than {what} ({limit})")
+
+
+def _check_schedule(points, steps: int, cfg: dict, limit: float | None = None) -> None:
+    """Refuse step counts whose spacing would repeat a point of the schedule (timesteps, or DPM-Solver's
+    sigmas) or pass `limit`. diffusers divides by zero there (DPM-Solver++: a NaN image) or indexes past
+    its table (DDIM); for SD 1.x configs that happens at 1000 steps."""
+    n_train = cfg["num_train_timesteps"]
+    t = np.asarray(points, dtype=np.float64)
+    if (limit is not None and t.max() > limit) or (len(t) > 1 and not np.all(np.diff(t) < 0)):
+        raise InvalidRequest("steps", f"{steps} steps do not fit this scheduler's '{cfg['timestep_spacing']}' "
+                                      f"timestep spacing (steps_offset {cfg['steps_offset']}, {n_train} "
+                                      "training timesteps): timesteps would repeat or pass the last one; "
+                                      "use fewer steps")
 
 
 def _clip(cfg: dict) -> float | None:
