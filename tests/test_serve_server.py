@@ -1,6 +1,6 @@
 """`sdlite serve` as a real process on 127.0.0.1 (ephemeral ports), driven by real gRPC and HTTP clients.
 
-Long jobs are real generations: the tiny model at 64x64 with up to 1000 steps (about 30-150 ms a step on
+Long jobs are real generations: the tiny model at 64x64 with up to 900 steps (about 30-150 ms a step on
 one shared core), so deadlines, cancels and drains interrupt the real sampler loop.
 """
 
@@ -28,7 +28,7 @@ from sdlite.serve import sdlite_pb2_grpc as pb_grpc  # noqa: E402
 from sdlite.serve.process import ServerProcess  # noqa: E402
 
 SMALL = dict(prompt="a red circle", steps=2, width=64, height=64, seed=1)
-LONG = dict(prompt="a long job", steps=1000, width=64, height=64, seed=2)
+LONG = dict(prompt="a long job", steps=900, width=64, height=64, seed=2)
 SERVICE = "sdlite.v1.TextToImage"
 
 
