@@ -263,6 +263,7 @@ def test_oom_score_adj_applied(server):
 
 GRPC_BAD = [
     (dict(steps=0), "steps"), (dict(steps=1001), "steps"), (dict(steps=-3), "steps"),
+    (dict(steps=1000, sampler="ddim"), "steps"),  # within --max-steps, but past the schedule
     (dict(cfg_scale=-1.0), "cfg_scale"), (dict(cfg_scale=float("nan")), "cfg_scale"),
     (dict(width=63), "width"), (dict(width=0), "width"), (dict(width=4096), "width"),
     (dict(height=-64), "height"), (dict(height=2000), "height"), (dict(sampler="plms"), "sampler"),
