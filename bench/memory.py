@@ -127,8 +127,8 @@ def child_sdlite(model: str, budget: int | None, steps: int, size: int, vae: str
     prof = Profiler(interval=0.05, echo=sys.stderr)
     pipe = Pipeline.load(model, memory_budget=budget, width=size, height=size, profiler=prof, vae=vae)
     print(f"plan: {pipe.plan.describe()} estimates {pipe.plan.estimates}", file=sys.stderr, flush=True)
-    result = pipe.generate("a lighthouse at dusk", steps=steps, cfg_scale=7.5, seed=1, width=size,
-                           height=size, sampler="dpm++2m", profiler=prof)
+    pipe.generate("a lighthouse at dusk", steps=steps, cfg_scale=7.5, seed=1, width=size,
+              height=size, sampler="dpm++2m", profiler=prof)
     prof.close()
     step_s = [r.seconds for r in prof.records if r.category == "step"]
     print("RESULT " + json.dumps({

@@ -70,6 +70,12 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_vae_argument(parser) -> None:
+    parser.add_argument("--vae", metavar="DIR", default=None,
+                        help="a VAE folder to decode with instead of the model's own, e.g. TAESD "
+                             "(diffusers AutoencoderTiny)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
 
@@ -81,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
     g.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png)")
-    g.add_argument("--vae", metavar="DIR", default=None,
-                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
+    add_vae_argument(g)
     g.add_argument("--steps", type=positive_int, default=20)
     g.add_argument("--cfg-scale", type=finite_float, default=7.5)
     g.add_argument("--seed", type=non_negative_int, default=None, help="default: random")
@@ -102,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan")
     i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
-    i.add_argument("--vae", metavar="DIR", default=None,
-                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
+    add_vae_argument(i)
     i.add_argument("--memory-budget", type=byte_size, action="append", default=None,
                    help="show the plan for this budget (repeatable; default: a few common budgets)")
     i.add_argument("-W", "--width", type=positive_int, default=None)
@@ -178,13 +182,11 @@ def cmd_generate(args) -> int:
                             args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
     if args.profile:
         check_output_path(Path(args.profile), suffix=".json")
-    from .runtime.components import check_vae_matches, native_size
+    from .runtime.components import native_size
     from .runtime.profiler import Profiler
     from .weights.model_folder import ModelFolder
 
-    folder = ModelFolder.open(model, vae=args.vae)
-    check_vae_matches(folder)
-    native = native_size(folder)
+    native = native_size(ModelFolder.open(model, vae=args.vae))  # Pipeline.load checks the VAE fits
     req.width = args.width or native
     req.height = args.height or native
     req.validate()
@@ -237,13 +239,13 @@ def cmd_info(args) -> int:
     for name in ("tokenizer", "scheduler"):
         print(f"  {name:<13} {'':>20}{human_bytes(folder.bytes_on_disk(name)):>10} on disk")
     print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {human_bytes(total_bytes):>10}")
-    from .runtime.components import check_vae_matches, is_taesd, unet_config, vae_config
+    from .runtime.components import check_vae_matches, is_taesd, native_size, unet_config, vae_config
     check_vae_matches(folder)
     ucfg, vcfg = unet_config(folder), vae_config(folder)
-    f = 2 ** (len(vcfg.block_out_channels) - 1)
-    native = ucfg.sample_size * f
+    native = native_size(folder)
     vae_kind = "TAESD (AutoencoderTiny)" if is_taesd(vcfg) else "AutoencoderKL"
-    vae_from = "" if folder.component("vae") == folder.root / "vae" else f" from {folder.component('vae')}"
+    replaced = folder.replacement("vae")
+    vae_from = f" from {replaced}" if replaced else ""
     print(f"  native size: {native}x{native}, "
           f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}, "
           f"vae: {vae_kind}{vae_from}")
@@ -322,8 +324,7 @@ def positive_float(text: str) -> float:
 def add_serve_parsers(sub) -> None:
     s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service")
     s.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
-    s.add_argument("--vae", metavar="DIR", default=None,
-                   help="a VAE folder to decode with instead of the model's own, e.g. TAESD (diffusers AutoencoderTiny)")
+    add_vae_argument(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")

@@ -30,7 +30,7 @@ from .runtime import memory
 from .runtime.attention import set_attention
 from .runtime.compute_thread import run_on_compute_thread
 from .runtime.components import (LOADERS, LoadedComponent, check_vae_matches, native_size, text_config,
-                                 unet_config, vae_config)
+                                 unet_config, vae_config, vae_factor)
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.lazy_weights import set_layer_chunking
 from .runtime.planner import (STAGES, ModelSizes, Plan, PlanError, fmt_bytes, make_plan,
@@ -227,12 +227,12 @@ class Pipeline:
     @property
     def vae_name(self) -> str | None:
         """The folder name of a VAE given instead of the model's own (None for the model's own)."""
-        path = self.folder.component("vae")
-        return None if path == self.folder.root / "vae" else path.resolve().name
+        path = self.folder.replacement("vae")
+        return None if path is None else path.resolve().name
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config.block_out_channels) - 1)
+        return vae_factor(self.vae_config)
 
     @property
     def latent_channels(self) -> int:
@@ -420,8 +420,7 @@ class Pipeline:
         records = prof.records[first:]
         timings = [StageTiming(r.name, r.seconds) for r in records]
         return GenerationResult(image, request, format_parameters(request, self.folder.name, self.vae_name),
-                                timings,
-                                final, plan, prof.to_dict())
+                                timings, final, plan, prof.to_dict())
 
 
 def _cancel_check(cancel) -> Callable[[], bool]:

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from .model_configs import VAE_ARCHITECTURES, architecture
-from .runtime.compute_thread import run_on_compute_thread
 from .models.clip_text import CLIPTextConfig, CLIPTextModel
 from .models.config import config_from_dict
-from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.taesd import AutoencoderTiny, TAESDConfig
+from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
+from .runtime.compute_thread import run_on_compute_thread
 from .tokenizer_files import write_clip_tokenizer
 from .weights.safetensors_mmap import save_safetensors
 
@@ -126,10 +126,13 @@ def _write_random_model(arch: str, folder: str | Path, seed: int, dtype: torch.d
 
 def write_random_vae(arch: str, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A random-weight VAE folder (config.json + diffusion_pytorch_model.safetensors), written atomically:
-    `taesd` (SD 1.x TAESD shapes) or `tiny-taesd` (for the tiny test models)."""
+    `taesd` (SD 1.x TAESD shapes) or `tiny-taesd` (for the tiny test models). On the compute thread."""
     if arch not in VAE_ARCHITECTURES:
         raise KeyError(f"unknown VAE architecture {arch!r}; choose one of {', '.join(VAE_ARCHITECTURES)}")
-    cfg = dict(VAE_ARCHITECTURES[arch])
+    return run_on_compute_thread(_write_random_vae, dict(VAE_ARCHITECTURES[arch]), folder, seed, dtype)
+
+
+def _write_random_vae(cfg: dict, folder: str | Path, seed: int, dtype: torch.dtype) -> Path:
     with _atomic_folder(folder) as tmp:
         with torch.device("meta"):
             module = AutoencoderTiny(config_from_dict(TAESDConfig, cfg), with_encoder=True)

@@ -22,8 +22,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def load_config(cls: type[T], path: Path) -> T:
+def load_config(cls: type[T], path: Path, data: dict[str, Any] | None = None) -> T:
+    """`cls` from the JSON file at `path` (or from `data` already read from it)."""
     try:
-        return config_from_dict(cls, read_json(path))
+        return config_from_dict(cls, read_json(path) if data is None else data)
     except (TypeError, ValueError) as exc:
         raise ModelFolderError(f"{path}: bad config ({exc})") from None

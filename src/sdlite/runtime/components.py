@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ModelFolderError
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
-from ..models.config import config_from_dict, load_config
+from ..models.config import load_config
 from ..models.taesd import CLASS_NAME as TAESD_CLASS
 from ..models.taesd import AutoencoderTiny, TAESDConfig
 from ..models.unet import UNet2DConditionModel, UNetConfig
@@ -128,10 +128,7 @@ def vae_config(folder: ModelFolder) -> VAEConfig | TAESDConfig:
     if cls is None:
         raise ModelFolderError(f"{path}: VAE class {name!r} is not supported "
                                f"(supported: {', '.join(VAE_CLASSES)})")
-    try:
-        return config_from_dict(cls, data)
-    except (TypeError, ValueError) as exc:
-        raise ModelFolderError(f"{path}: bad config ({exc})") from None
+    return load_config(cls, path, data)
 
 
 def is_taesd(cfg) -> bool:
@@ -150,9 +147,14 @@ def check_vae_matches(folder: ModelFolder) -> None:
                                f"latents, but the UNet makes {unet.out_channels}-channel ones")
 
 
+def vae_factor(cfg: VAEConfig | TAESDConfig) -> int:
+    """How many image pixels one latent pixel spans, per side."""
+    return 2 ** (len(cfg.block_out_channels) - 1)
+
+
 def native_size(folder: ModelFolder) -> int:
     """The image side the model was trained at: UNet sample size x the VAE's downscale factor."""
-    return unet_config(folder).sample_size * 2 ** (len(vae_config(folder).block_out_channels) - 1)
+    return unet_config(folder).sample_size * vae_factor(vae_config(folder))
 
 
 def load_unet(folder: ModelFolder, dtype: torch.dtype = torch.float32,

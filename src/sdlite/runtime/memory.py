@@ -20,10 +20,6 @@ _libc = None
 
 def malloc_trim() -> int:
     """glibc malloc_trim(0): return free heap pages to the kernel (0 where there is no glibc)."""
-    return _malloc_trim()
-
-
-def _malloc_trim():
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")
@@ -55,7 +51,7 @@ def configure_allocator(mmap_threshold: int = 1 << 20) -> bool:
 
 def trim() -> None:
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
 
 
 @dataclass

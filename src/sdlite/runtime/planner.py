@@ -117,14 +117,14 @@ class ModelSizes:
 
     @classmethod
     def of(cls, folder: ModelFolder) -> "ModelSizes":
-        from .components import is_taesd, unet_config, vae_config
+        from .components import is_taesd, unet_config, vae_config, vae_factor
         ucfg, vcfg = unet_config(folder), vae_config(folder)
         kind = "taesd" if is_taesd(vcfg) else "kl"
         # the widest full-resolution layer sets the activation sizes: the SD VAE's last up block, TAESD's
         vae_channels = vcfg.block_out_channels[-1 if kind == "taesd" else 0]
         return cls(ComponentSize.of(folder, "text_encoder"), ComponentSize.of(folder, "unet"),
                    ComponentSize.of(folder, "vae"), ucfg.block_out_channels[0],
-                   2 ** (len(vcfg.block_out_channels) - 1), ucfg.in_channels, vae_channels, kind)
+                   vae_factor(vcfg), ucfg.in_channels, vae_channels, kind)
 
     def component(self, name: str) -> ComponentSize:
         return getattr(self, name)

@@ -81,9 +81,7 @@ def _plan(name: str, steps: int, config: dict):
     if name == "ddim":
         cfg = S.resolve_config("DDIMScheduler", config)
         _check_steps(steps, cfg["num_train_timesteps"], "the model's num_train_timesteps")
-        _check_schedule(S.spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"],
-                                           cfg["steps_offset"]).round(), steps, cfg,
-                        limit=cfg["num_train_timesteps"] - 1)
+        _check_schedule(S.ddim_timesteps(cfg, steps).numpy(), steps, cfg, limit=cfg["num_train_timesteps"] - 1)
         timesteps, alphas, alphas_next = S.ddim_schedule(cfg, steps)
         run = partial(sample_ddim, timesteps=timesteps, alphas=alphas, alphas_next=alphas_next,
                       prediction_type=cfg["prediction_type"], clip_sample=_clip(cfg))

@@ -210,6 +210,12 @@ def spaced_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int
     return np.arange(num_train, 0, -num_train / steps).round() - 1
 
 
+def ddim_timesteps(cfg: dict, steps: int) -> torch.Tensor:
+    """DDIM's integer timesteps, descending (diffusers rounds the spaced ones)."""
+    timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
+    return torch.from_numpy(timesteps.round().astype(np.int64))
+
+
 def ddim_schedule(cfg: dict, steps: int):
     """DDIM's timesteps and, for each, abar at that step and at the step it jumps to.
 
@@ -217,8 +223,7 @@ def ddim_schedule(cfg: dict, steps: int):
     (`set_alpha_to_one`) or abar_0.
     """
     n_train = cfg["num_train_timesteps"]
-    timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, n_train, cfg["steps_offset"])
-    timesteps = torch.from_numpy(timesteps.round().astype(np.int64))
+    timesteps = ddim_timesteps(cfg, steps)
     abar = alphas_cumprod(cfg)
     final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else abar[0]
     prev = timesteps - n_train // steps

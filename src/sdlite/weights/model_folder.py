@@ -71,10 +71,14 @@ class ModelFolder:
         return folder
 
     def component(self, name: str) -> Path:
+        return self.replacement(name) or self.root / name
+
+    def replacement(self, name: str) -> Path | None:
+        """The folder given instead of root/<name> (e.g. --vae), or None."""
         for part, path in self.replaced:
             if part == name:
                 return path
-        return self.root / name
+        return None
 
     def has(self, name: str) -> bool:
         return self.component(name).is_dir()
