@@ -26,96 +26,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent.parent / "src"))
 
-
-# --- cgroup handling -----------------------------------------------------------------------------
-
-def own_memory_cgroup() -> tuple[Path, int]:
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            p = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
-            if (p / "memory.limit_in_bytes").exists():
-                return p, 1
-    for line in lines:
-        hid, _, rel = line.split(":", 2)
-        if hid == "0":
-            for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-                p = root / rel.lstrip("/")
-                if (p / "cgroup.subtree_control").exists() and "memory" in \
-                        (p / "cgroup.controllers").read_text():
-                    return p, 2
-    raise SystemExit("bench/memory.py: no writable memory cgroup (v1 memory controller or v2 with memory)")
-
-
-class LimitedCgroup:
-    def __init__(self, parent: Path, version: int, name: str, limit: int):
-        self.path, self.version = parent / name, version
-        self.path.mkdir()
-        if version == 1:
-            (self.path / "memory.limit_in_bytes").write_text(str(limit))
-            try:
-                (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))
-            except OSError:
-                pass
-        else:
-            (self.path / "memory.max").write_text(str(limit))
-            try:
-                (self.path / "memory.swap.max").write_text("0")
-            except OSError:
-                pass
-
-    def procs_file(self) -> str:
-        return str(self.path / "cgroup.procs")
-
-    def peak(self) -> int | None:
-        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
-        try:
-            return int((self.path / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def oom_kills(self) -> int:
-        try:
-            if self.version == 1:
-                text = (self.path / "memory.oom_control").read_text()
-            else:
-                text = (self.path / "memory.events").read_text()
-            for line in text.splitlines():
-                k, v = line.split()
-                if k == "oom_kill":
-                    return int(v)
-        except OSError:
-            pass
-        return 0
-
-    def remove(self) -> None:
-        for _ in range(50):
-            try:
-                if self.version == 1:
-                    try:
-                        (self.path / "memory.force_empty").write_text("0")
-                    except OSError:
-                        pass
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def evict(folder: str) -> int:
-    n = 0
-    for p in Path(folder).rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                n += 1
-            finally:
-                os.close(fd)
-    return n
-
+from sdlite.runtime.memory import Cgroup, evict_folder  # noqa: E402  (no torch: the driver stays light)
+from sdlite.units import parse_bytes  # noqa: E402
 
 # --- the child processes -------------------------------------------------------------------------
 
@@ -165,24 +79,18 @@ def child_diffusers(model: str, steps: int, size: int) -> None:
 
 # --- driver --------------------------------------------------------------------------------------
 
-def parse_size(text: str) -> int:
-    sys.path.insert(0, str(HERE.parent.parent / "src"))
-    from sdlite.runtime.planner import parse_bytes
-    return parse_bytes(text)
-
-
 def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, size: int,
-            parent: Path | None, version: int, timeout: float, vae: str | None = None) -> dict:
-    evict(model)
+            parent: Cgroup, timeout: float, vae: str | None = None) -> dict:
+    evict_folder(model)
     if vae:
-        evict(vae)
+        evict_folder(vae)
     # an unlimited run still gets its own cgroup (with a limit far above need) to measure its peak
-    cg = LimitedCgroup(parent, version, f"sdlite-bench-{os.getpid()}-{time.time_ns()}",
-                       limit if limit is not None else 64 << 30)
+    cg = parent.create_child(f"sdlite-bench-{os.getpid()}-{time.time_ns()}",
+                             limit if limit is not None else 64 << 30)
     args = [sys.executable, str(HERE), "--child", engine, model, str(limit or 0), str(steps), str(size)]
     if vae:
         args += ["--vae", vae]
-    join = f"echo $$ > {cg.procs_file()} && "
+    join = f"echo $$ > {cg.procs_file} && "
     cmd = ["sh", "-c", join + "exec " + " ".join(f"'{a}'" for a in args)]
     t0 = time.perf_counter()
     try:
@@ -234,8 +142,10 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("bench/memory.py: needs root to create memory cgroups")
-    parent, version = own_memory_cgroup()
-    limits = [parse_size(x) for x in args.limits.split(",") if x]
+    parent = Cgroup.parent_for_children()
+    if parent is None:
+        raise SystemExit("bench/memory.py: no writable memory cgroup (v1 memory controller or v2 with memory)")
+    limits = [parse_bytes(x) for x in args.limits.split(",") if x]
     runs = []
     for spec in args.model:
         label, folder = spec.split("=", 1)
@@ -248,7 +158,7 @@ def main() -> None:
             runs.append(("diffusers", "fp32", folder, None))
         runs += [("diffusers", "fp32", folder, lim) for lim in limits]
     for engine, label, folder, limit in runs:
-        row = run_one(engine, label, folder, limit, args.steps, args.size, parent, version, args.timeout,
+        row = run_one(engine, label, folder, limit, args.steps, args.size, parent, args.timeout,
                       args.vae if engine == "sdlite" else None)
         print(json.dumps(row), flush=True)
 

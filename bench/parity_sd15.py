@@ -73,7 +73,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if not Path(args.model, "model_index.json").is_file():
-        from sdlite.random_model import write_random_model
+        from sdlite.testing.random_model import write_random_model
         t0 = time.perf_counter()
         write_random_model("sd15", args.model, seed=0)
         emit(result="wrote_model", path=args.model, seconds=round(time.perf_counter() - t0, 1))
@@ -82,6 +82,7 @@ def main() -> None:
                     "--threads", str(args.threads)], check=True)
 
     import diffusers
+
     from sdlite.pipeline import Pipeline
 
     ours = Pipeline.load(args.model)

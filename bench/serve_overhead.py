@@ -43,91 +43,19 @@ from pathlib import Path
 
 import grpc
 
-from sdlite.loadtest import Target, run_loadtest
 from sdlite.pipeline import GenerationRequest, Pipeline
-from sdlite.runtime.memory import drop_file_cache
+from sdlite.runtime.memory import Cgroup, evict_folder
 from sdlite.serve import sdlite_pb2 as pb
 from sdlite.serve import sdlite_pb2_grpc as pb_grpc
+from sdlite.serve.loadtest import Target, run_loadtest
 from sdlite.serve.process import ServerProcess
+from sdlite.units import parse_bytes
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib").rstrip("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-class MemoryCgroup:
-    """A fresh memory cgroup (v2 or v1) with a limit; None from create() where it cannot be made."""
-
-    def __init__(self, path: Path, v2: bool):
-        self.path, self.v2 = path, v2
-
-    @classmethod
-    def create(cls, limit: int | None) -> "MemoryCgroup | None":
-        """limit None: no limit, the cgroup only measures."""
-        name = f"sdlite-serve-bench-{uuid.uuid4().hex[:8]}"
-        candidates = [(Path("/sys/fs/cgroup") / name, True, "memory.max"),
-                      (Path("/sys/fs/cgroup/memory") / name, False, "memory.limit_in_bytes")]
-        for path, v2, limit_file in candidates:
-            if not (path.parent / ("cgroup.controllers" if v2 else "memory.limit_in_bytes")).exists():
-                continue
-            if v2 and "memory" not in (path.parent / "cgroup.controllers").read_text().split():
-                continue
-            try:
-                path.mkdir()
-                if limit is None:
-                    return cls(path, v2)
-                (path / limit_file).write_text(str(limit))
-                if not v2:
-                    try:
-                        (path / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no swap escape
-                    except OSError:
-                        pass
-                return cls(path, v2)
-            except OSError:
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
-        return None
-
-    def join_fn(self):
-        procs = str(self.path / "cgroup.procs")
-
-        def join():  # in the child, before exec
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-        return join
-
-    def peak(self) -> int | None:
-        f = self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
-        return int(f.read_text()) if f.exists() else None
-
-    def oom_kills(self) -> int:
-        f = self.path / ("memory.events" if self.v2 else "memory.oom_control")
-        for line in f.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
-
-    def remove(self) -> None:
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-# the server's own timings that are the pipeline's work; the rest ("queue", "png") is the service's
 SERVICE_STAGES = ("queue", "png")
 
 
@@ -135,11 +63,15 @@ def compute_seconds(timings: dict) -> float:
     return sum(s for name, s in timings.items() if name not in SERVICE_STAGES)
 
 
-def evict(folder: Path) -> None:
-    """Drop the folder's files from the page cache (works for pages no process has mapped)."""
-    for p in Path(folder).rglob("*"):
-        if p.is_file():
-            drop_file_cache(p)
+def make_cgroup(limit: int | None) -> Cgroup | None:
+    """A fresh memory cgroup for the server (limit None: it only measures); None where none can be made."""
+    parent = Cgroup.parent_for_children()
+    if parent is None:
+        return None
+    try:
+        return parent.create_child(f"sdlite-serve-bench-{uuid.uuid4().hex[:8]}", limit)
+    except OSError:
+        return None
 
 
 def http_txt2img(port: int, body: dict) -> tuple[float, float]:
@@ -226,7 +158,8 @@ def overhead(args, model: Path) -> None:
 DIRECT_CHILD = """
 import json, statistics, sys, time
 from sdlite.pipeline import GenerationRequest, Pipeline
-from sdlite.runtime.memory import drop_file_cache
+from sdlite.runtime.memory import Cgroup, evict_folder
+from sdlite.units import parse_bytes
 model, threads, repeats, req = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 pipe = Pipeline.load(model, threads=threads)
 pipe.run(GenerationRequest(**req))
@@ -260,7 +193,7 @@ def process_spread(args, model: Path) -> None:
 
 def overload(args, model: Path) -> None:
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
-    cgroup = MemoryCgroup.create(None if args.measure_only else budget) if budget else None
+    cgroup = make_cgroup(None if args.measure_only else budget) if budget else None
     clients = args.clients or 4 * args.slots
     depth = args.slots + args.queue_size
     server_args = ("--threads", str(args.threads), "--max-concurrency", str(args.slots),
@@ -271,9 +204,9 @@ def overload(args, model: Path) -> None:
     payload = dict(prompt="a lighthouse at dusk", steps=args.steps, width=args.size, height=args.size,
                    sampler=args.sampler)
     if cgroup:
-        evict(model)  # so the weight pages the server reads are charged to its cgroup, not to whoever cached them
+        evict_folder(model)  # so the weight pages the server reads are charged to its cgroup, not to whoever cached them
     server = ServerProcess(model, *server_args, startup_timeout=1800,
-                           preexec_fn=cgroup.join_fn() if cgroup else None)
+                           preexec_fn=cgroup.join_function() if cgroup else None)
     try:
         server.start()
         target = Target("grpc", "127.0.0.1", server.grpc_port, "grpc")
@@ -334,7 +267,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sdlite-bench-") as tmp:
         model = args.model
         if model is None:
-            from sdlite.random_model import write_random_model
+            from sdlite.testing.random_model import write_random_model
             model = Path(write_random_model("tiny", Path(tmp) / "tiny", seed=0))
         if not args.skip_overhead:
             overhead(args, model)

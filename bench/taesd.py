@@ -71,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sdlite-taesd-") as tmp:
         taesd = args.taesd
         if taesd is None:
-            from sdlite.random_model import write_random_vae
+            from sdlite.testing.random_model import write_random_vae
             taesd = str(write_random_vae("taesd", Path(tmp) / "taesd"))
         from sdlite.runtime.planner import fmt_bytes, make_plan, parse_bytes
         from sdlite.weights.model_folder import ModelFolder

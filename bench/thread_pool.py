@@ -57,7 +57,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sdlite-threads-") as tmp:
         model = args.model
         if model is None:
-            from sdlite.random_model import write_random_model
+            from sdlite.testing.random_model import write_random_model
             model = str(write_random_model("tiny", Path(tmp) / "tiny"))
         medians = {"main": [], "pool": [], "main-after-torch": []}
         for _ in range(args.rounds):

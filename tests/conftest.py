@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdlite.random_model import write_random_model
+from sdlite.testing.random_model import write_random_model
 
 torch.set_num_threads(2)
 

@@ -5,7 +5,6 @@ runs its first 16 prompts (seen and held-out combinations) at the default settin
 well below the measured ones but far above chance (1/8 background, 1/7 shape color, 1/4 shape kind).
 """
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,8 +5,10 @@ import json
 import pytest
 
 from sdlite.cli import main
+from sdlite.errors import PlanError
 from sdlite.pipeline import Pipeline
-from sdlite.runtime.planner import MiB, ModelSizes, PlanError, make_plan, parse_bytes
+from sdlite.runtime.planner import ModelSizes, make_plan
+from sdlite.units import MiB, parse_bytes
 from sdlite.weights.model_folder import ModelFolder
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdlite.pipeline import Pipeline
-from sdlite.runtime.attention import set_attention, sliced_attend
+from sdlite.runtime.attention import sliced_attend
 from sdlite.runtime.convert import convert_model
 from sdlite.runtime.kv_cache import cached_bytes, cross_attention_cache
 from sdlite.runtime.lazy_weights import LazyLinear, dequantize, quantize_int8
@@ -39,9 +39,9 @@ def test_lever_matches_reference(tiny_model, reference, plan, tol):
 
 def test_staged_residency_releases_networks(tiny_model):
     pipe = Pipeline.load(tiny_model, plan=Plan(residency="staged"))
-    assert pipe._components == {}
+    assert pipe.residency.loaded() == []
     pipe.generate(**KW)
-    assert pipe._components == {}  # each network dropped after its stage
+    assert pipe.residency.loaded() == []  # each network dropped after its stage
 
 
 def test_sliced_attention_equals_sdpa():

@@ -12,8 +12,16 @@ from PIL import Image  # noqa: E402
 from sdlite.errors import Cancelled  # noqa: E402
 from sdlite.pipeline import GenerationRequest, GenerationResult, StageTiming  # noqa: E402
 from sdlite.serve.breaker import CircuitBreaker  # noqa: E402
-from sdlite.serve.execution import (CANCELLED, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED,  # noqa: E402
-                                    UNAVAILABLE, Executor, ServeError, summarize_timings)
+from sdlite.serve.execution import (  # noqa: E402
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Executor,
+    ServeError,
+    summarize_timings,
+)
 from sdlite.serve.metrics import Metrics  # noqa: E402
 
 

@@ -172,8 +172,7 @@ def test_health_service_and_reflection(server, health_stub):
     for service in ("", SERVICE):
         r = health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
-        ProtoReflectionDescriptorDatabase
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
     with grpc.insecure_channel(server.grpc_target) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         services = set(db.get_services())

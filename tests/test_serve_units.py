@@ -8,11 +8,11 @@ pytest.importorskip("grpc")
 pytest.importorskip("prometheus_client")
 
 from sdlite.errors import InvalidRequest  # noqa: E402
-from sdlite.loadtest import LoadtestError, Report, parse_target  # noqa: E402
 from sdlite.serve.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker  # noqa: E402
 from sdlite.serve.config import Limits  # noqa: E402
 from sdlite.serve.fields import Defaults, build_request  # noqa: E402
-from sdlite.serve.http_server import BadField, a1111_fields, openai_fields  # noqa: E402
+from sdlite.serve.http_server import a1111_fields, openai_fields  # noqa: E402
+from sdlite.serve.loadtest import LoadtestError, Report, parse_target  # noqa: E402
 
 
 class Clock:
@@ -102,7 +102,7 @@ def test_a1111_mapping():
                         ({"override_settings": []}, "override_settings"),
                         ({"override_settings": {"CLIP_stop_at_last_layers": 0}},
                          "override_settings.CLIP_stop_at_last_layers")]:
-        with pytest.raises(BadField) as exc:
+        with pytest.raises(InvalidRequest) as exc:
             a1111_fields(body)
         assert exc.value.field == field
 
@@ -117,7 +117,7 @@ def test_openai_mapping():
                                                                  "response_format"),
                         ({"prompt": "p", "output_format": "webp"}, "output_format"),
                         ({"prompt": "p", "stream": True}, "stream"), ({"prompt": "p", "model": 1}, "model")]:
-        with pytest.raises(BadField) as exc:
+        with pytest.raises(InvalidRequest) as exc:
             openai_fields(body)
         assert exc.value.field == field
 

@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 
 from sdlite.train import shapes
-from sdlite.train.shapes import (COLORS, HELD_OUT_COLOR_BACKGROUND, HELD_OUT_COLOR_SHAPE, POSITIONS, SHAPES,
-                                 bench_prompts, check_image, is_held_out, make_scene, render, scene_stream)
+from sdlite.train.shapes import (
+    COLORS,
+    HELD_OUT_COLOR_BACKGROUND,
+    HELD_OUT_COLOR_SHAPE,
+    POSITIONS,
+    SHAPES,
+    bench_prompts,
+    check_image,
+    is_held_out,
+    make_scene,
+    render,
+    scene_stream,
+)
 
 
 def test_vocabulary_sizes():
@@ -119,7 +130,7 @@ def test_bench_prompts_fixed_and_mixed():
 
 def test_tokenizer_learned_on_captions_has_whole_words(tmp_path):
     from sdlite.tokenizer import ClipTokenizer
-    from sdlite.tokenizer_files import write_clip_tokenizer
+    from sdlite.tokenizer.writer import write_clip_tokenizer
     n = write_clip_tokenizer(tmp_path, shapes.caption_corpus(), vocab_size=1000)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert len(vocab) == n

@@ -55,6 +55,7 @@ def test_cli_default_model_draws_the_prompt(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
+
     from sdlite.train.shapes import check_image
     image = Image.open(out)
     assert image.size == (64, 64)
@@ -67,6 +68,7 @@ def test_diffusers_draws_the_same_image(model):
     diffusers = pytest.importorskip("diffusers")
     import numpy as np
     import torch
+
     from sdlite.pipeline import Pipeline
     ref = diffusers.StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32,
                                                            safety_checker=None, requires_safety_checker=False)

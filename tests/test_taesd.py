@@ -10,12 +10,12 @@ import torch
 
 from sdlite.cli import main
 from sdlite.errors import ModelFolderError
-from sdlite.model_configs import TAESD
 from sdlite.models.config import config_from_dict
 from sdlite.models.taesd import AutoencoderTiny, TAESDConfig
 from sdlite.pipeline import Pipeline
-from sdlite.random_model import write_random_vae
 from sdlite.runtime.planner import ModelSizes, make_plan
+from sdlite.testing.architectures import TAESD
+from sdlite.testing.random_model import write_random_vae
 from sdlite.weights.model_folder import ModelFolder
 from sdlite.weights.state_dict import load_into
 

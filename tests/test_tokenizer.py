@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sdlite.errors import ModelFolderError
-from sdlite.tokenizer import BOS_TOKEN, EOS_TOKEN, ClipTokenizer, TokenTruncationWarning, byte_level_alphabet
-from sdlite.tokenizer_files import MIN_VOCAB_SIZE, write_clip_tokenizer
+from sdlite.tokenizer.clip import BOS_TOKEN, EOS_TOKEN, ClipTokenizer, TokenTruncationWarning, byte_level_alphabet
+from sdlite.tokenizer.writer import MIN_VOCAB_SIZE, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

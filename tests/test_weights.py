@@ -21,7 +21,6 @@ from sdlite.weights import (
     save_safetensors,
 )
 
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 def raw_file(path, header, data: bytes = b"", *, pad=True) -> str:

@@ -1,7 +1,15 @@
-"""The `sdlite` command: generate, info, random-model.
+"""The `sdlite` command.
 
-Errors are one line on stderr and exit code 2 (bad arguments, bad model folders, bad weights);
-no output file is left behind on failure.
+    sdlite generate PROMPT [-m MODEL] [-o OUT.png] [--steps N] [--sampler NAME] ...   one image
+    sdlite info [MODEL]                         components, sizes, and the memory plan per budget
+    sdlite convert SRC DST --weights fp16|int8  a copy of a model folder with smaller weight storage
+    sdlite random-model ARCH DIR                a random-weight model folder (tests, benches)
+    sdlite serve [-m MODEL]                     the gRPC + HTTP service (needs the `serve` extra)
+    sdlite loadtest TARGET                      concurrent clients against a local `sdlite serve`
+
+Errors are one line on stderr and exit code 2 (bad arguments, bad model folders, bad weights, a
+request the model or the memory budget cannot take); Ctrl-C exits 130. No output file is left behind
+on failure.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ def finite_float(text: str) -> float:
 
 
 def byte_size(text: str) -> int:
-    from .runtime.planner import parse_bytes
+    from .units import parse_bytes
     try:
         return parse_bytes(text)
     except ValueError as exc:
@@ -76,8 +84,18 @@ def add_vae_argument(parser) -> None:
                              "(diffusers AutoencoderTiny)")
 
 
+def sampler_name(text: str) -> str:
+    """A sampler name, A1111 label or alias -> the sampler's name (argparse type)."""
+    from .errors import InvalidRequest
+    from .samplers import resolve_sampler
+    try:
+        return resolve_sampler(text)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, sampler_label
 
     p = Parser(prog="sdlite", description="Stable Diffusion text-to-image on small CPU-only machines.")
     p.add_argument("--version", action="version", version=f"sdlite {__version__}")
@@ -93,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=non_negative_int, default=None, help="default: random")
     g.add_argument("-W", "--width", type=positive_int, default=None, help="default: the model's size")
     g.add_argument("-H", "--height", type=positive_int, default=None, help="default: the model's size")
-    g.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
+    g.add_argument("--sampler", type=sampler_name, default="dpm++2m", metavar="NAME",
+                   help="one of " + ", ".join(f"{n} ({sampler_label(n)})" for n in SAMPLERS)
+                   + "; the A1111 label works too (default: dpm++2m)")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--clip-skip", type=non_negative_int, default=0)
     g.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
@@ -172,24 +192,22 @@ def check_output_path(path: Path, suffix: str = ".png") -> None:
 
 
 def cmd_generate(args) -> int:
-    from .pipeline import GenerationRequest, Pipeline
-
-    model = resolve_model(args.model)
-    output = Path(args.output)
-    check_output_path(output)
-    # validate the request before spending time on loading
-    req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
-                            args.width or 512, args.height or 512, args.sampler, args.clip_skip).validate()
-    if args.profile:
-        check_output_path(Path(args.profile), suffix=".json")
+    from .pipeline import GenerationRequest, Pipeline, request_caps
     from .runtime.components import native_size
     from .runtime.profiler import Profiler
     from .weights.model_folder import ModelFolder
 
-    native = native_size(ModelFolder.open(model, vae=args.vae))  # Pipeline.load checks the VAE fits
-    req.width = args.width or native
-    req.height = args.height or native
-    req.validate()
+    model = resolve_model(args.model)
+    output = Path(args.output)
+    check_output_path(output)
+    if args.profile:
+        check_output_path(Path(args.profile), suffix=".json")
+    # the request is checked once, before any time goes into loading (the configs alone give the size)
+    folder = ModelFolder.open(model, vae=args.vae)  # Pipeline.load checks the VAE fits
+    native = native_size(folder)
+    req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
+                            args.width or native, args.height or native, args.sampler,
+                            args.clip_skip).validate(request_caps(folder))
     prof = Profiler()
     try:
         pipe = Pipeline.load(model, threads=args.threads, memory_budget=args.memory_budget,
@@ -210,17 +228,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def cmd_info(args) -> int:
     import math
 
+    from .units import format_bytes
     from .weights.model_folder import ModelFolder
     from .weights.state_dict import load_component_weights
 
@@ -234,11 +245,11 @@ def cmd_info(args) -> int:
         size = folder.bytes_on_disk(name)
         total_params += params
         total_bytes += size
-        print(f"  {name:<13} {params / 1e6:9.2f} M params  {human_bytes(size):>10} on disk  "
+        print(f"  {name:<13} {params / 1e6:9.2f} M params  {format_bytes(size, precise=True):>10} on disk  "
               f"{'/'.join(dtypes)}")
     for name in ("tokenizer", "scheduler"):
-        print(f"  {name:<13} {'':>20}{human_bytes(folder.bytes_on_disk(name)):>10} on disk")
-    print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {human_bytes(total_bytes):>10}")
+        print(f"  {name:<13} {'':>20}{format_bytes(folder.bytes_on_disk(name), precise=True):>10} on disk")
+    print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {format_bytes(total_bytes, precise=True):>10}")
     from .runtime.components import check_vae_matches, is_taesd, native_size, unet_config, vae_config
     check_vae_matches(folder)
     ucfg, vcfg = unet_config(folder), vae_config(folder)
@@ -250,22 +261,23 @@ def cmd_info(args) -> int:
           f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}, "
           f"vae: {vae_kind}{vae_from}")
 
-    from .runtime.planner import GiB, MiB, ModelSizes, PlanError, fmt_bytes, make_plan
-    width, height = args.width or native, args.height or native
-    for name, v in (("width", width), ("height", height)):
-        if v % 8:
-            raise CliError(f"{name}: must be a positive multiple of 8, got {v}")
+    from .errors import PlanError
+    from .request import LIBRARY_CAPS, check_size
+    from .runtime.planner import ModelSizes, make_plan
+    from .units import GiB, MiB
+    width = check_size("width", args.width or native, LIBRARY_CAPS.max_width)
+    height = check_size("height", args.height or native, LIBRARY_CAPS.max_height)
     sizes = ModelSizes.of(folder)
     budgets = args.memory_budget or [None, 3 * GiB, 2 * GiB, int(1.5 * GiB), 1 * GiB, 768 * MiB, 512 * MiB]
     print(f"memory plans for {width}x{height} (estimated peak per stage: text / unet / vae):")
     for budget in budgets:
-        label = "unlimited" if budget is None else fmt_bytes(budget)
+        label = "unlimited" if budget is None else format_bytes(budget)
         try:
             plan = make_plan(folder, budget, width, height, sizes=sizes)
         except PlanError as exc:
             print(f"  {label:>10}: does not fit: {exc}")
             continue
-        est = " / ".join(fmt_bytes(plan.estimates[s]) for s in ("text_encoder", "unet", "vae"))
+        est = " / ".join(format_bytes(plan.estimates[s]) for s in ("text_encoder", "unet", "vae"))
         print(f"  {label:>10}: {est}  [{plan.describe()}]")
     return 0
 
@@ -287,8 +299,8 @@ def cmd_convert(args) -> int:
 def cmd_random_model(args) -> int:
     import torch
 
-    from .model_configs import ARCHITECTURES, VAE_ARCHITECTURES
-    from .random_model import write_random_model, write_random_vae
+    from .testing.architectures import ARCHITECTURES, VAE_ARCHITECTURES
+    from .testing.random_model import write_random_model, write_random_vae
 
     if args.arch not in ARCHITECTURES and args.arch not in VAE_ARCHITECTURES:
         raise CliError(f"unknown architecture {args.arch!r}; choose one of "
@@ -303,7 +315,7 @@ def cmd_random_model(args) -> int:
 
 
 
-# --- serve and loadtest (issue 5); their work lives in sdlite.serve and sdlite.loadtest -------------
+# --- serve and loadtest (issue 5); their work lives in sdlite.serve and sdlite.serve.loadtest -------------
 
 def port_or_off(text: str) -> int | None:
     if text.lower() in ("off", "none"):
@@ -407,7 +419,7 @@ def cmd_serve(args) -> int:
 def cmd_loadtest(args) -> int:
     import json
 
-    from .loadtest import LoadtestError, parse_target, run_loadtest
+    from .serve.loadtest import LoadtestError, parse_target, run_loadtest
 
     payload = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
                "cfg_scale": args.cfg_scale, "seed": args.seed, "width": args.width, "height": args.height,

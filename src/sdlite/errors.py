@@ -1,4 +1,13 @@
-"""Errors raised by sdlite. Front ends turn these into one clear line and a non-zero exit."""
+"""Errors raised by sdlite. Front ends turn these into one clear line and a non-zero exit (the CLI), or a
+status code that names the bad field (the service).
+
+    SdliteError            the base class: every error sdlite raises on purpose
+      WeightsError         a weight file is missing, corrupt, truncated or does not match the model
+      ModelFolderError     a model folder lacks a part or has an unreadable config
+      InvalidRequest       a generation request has a bad field (.field names it)
+      PlanError            no combination of memory levers fits the memory budget
+      Cancelled            a generation was cancelled between sampler steps
+"""
 
 
 class SdliteError(Exception):
@@ -14,11 +23,20 @@ class ModelFolderError(SdliteError):
 
 
 class InvalidRequest(SdliteError):
-    """A generation request has a bad field (size, steps, sampler, ...)."""
+    """A generation request has a bad field (size, steps, sampler, ...).
+
+    `field`: the request's field name ("width", "steps", ...); `message`: what is wrong with it.
+    str(error) is "field: message"."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+
+class PlanError(SdliteError):
+    """No combination of memory levers fits the memory budget (the message names the smallest budget that
+    would, and what else would help)."""
 
 
 class Cancelled(SdliteError):

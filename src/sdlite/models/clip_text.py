@@ -1,4 +1,11 @@
-"""CLIP text encoder (transformers' CLIPTextModel), with its parameter names (`text_model.*`)."""
+"""CLIP text encoder (transformers' CLIPTextModel), with its parameter names (`text_model.*`).
+
+Source: the text tower of CLIP, Radford et al. 2021, "Learning Transferable Visual Models From Natural
+Language Supervision" (arXiv:2103.00020), as implemented by transformers' `CLIPTextModel`
+(`transformers/models/clip/modeling_clip.py`): a causal pre-norm transformer over BPE token ids with
+learned position embeddings. Stable Diffusion conditions on its last hidden state (SD 1.x uses OpenAI's
+ViT-L/14 text tower). No pooled output or projection here: SD does not use them.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,9 @@ from ..errors import ModelFolderError
 
 @dataclass
 class CLIPTextConfig:
+    """The fields of transformers' `text_encoder/config.json`, by its names; the defaults are SD 1.5's
+    (OpenAI CLIP ViT-L/14)."""
+
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -27,6 +37,7 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def validate(self) -> None:
+        """Raise ModelFolderError for a config this port does not implement."""
         if self.hidden_act not in ACTIVATIONS:
             raise ModelFolderError(f"text_encoder config: hidden_act={self.hidden_act!r} is not supported")
         if self.hidden_size % self.num_attention_heads:
@@ -34,6 +45,7 @@ class CLIPTextConfig:
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU."""
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -45,6 +57,8 @@ ACTIVATIONS = {
 
 
 class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention: (B, T, dim) -> (B, T, dim); token i sees tokens 0..i."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -65,6 +79,8 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
+    """fc1, activation, fc2: (B, T, dim) -> (B, T, dim)."""
+
     def __init__(self, dim: int, inner: int, act: str):
         super().__init__()
         self.act = ACTIVATIONS[act]
@@ -76,6 +92,8 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
+    """Pre-norm residual attention, then pre-norm residual MLP: (B, T, hidden) -> (B, T, hidden)."""
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
@@ -89,12 +107,16 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """Holds the layers (`encoder.layers.<i>` keys); CLIPTextModel.forward runs them."""
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token plus position embeddings: (B, T) int ids -> (B, T, hidden)."""
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -106,6 +128,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
+    """Holds embeddings, encoder and final layer norm (`text_model.*` keys); no forward of its own."""
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(cfg)
@@ -114,7 +138,7 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids [B, 77] -> last hidden state [B, 77, hidden] (after the final layer norm).
+    """Token ids (B, 77) -> last hidden state (B, 77, hidden) (after the final layer norm).
 
     `clip_skip=k` stops k layers early and still applies the final layer norm, as diffusers does.
     """
@@ -126,10 +150,31 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(cfg)
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        """Encode token ids to the hidden states the UNet cross-attends to.
+
+        Args:
+            input_ids: (B, T) int64 token ids (int32 works too), T <= max_position_embeddings (77):
+                the tokenizer's output (BOS, prompt, EOS, padding). Ids must be in [0, vocab_size).
+                A 1-d (T,) tensor is taken as one sequence.
+            clip_skip: how many of the last encoder layers to skip: A1111's "Clip skip" setting
+                minus one, i.e. diffusers' `clip_skip`. 0 uses every layer; 1 the penultimate
+                layer's output (A1111 "Clip skip 2"). The final layer norm is applied either way.
+                Not range-checked here: a value >= num_hidden_layers runs no layer, a negative one
+                acts as 0 (the serving layer bounds it).
+
+        Returns:
+            (B, T, hidden_size) float32 hidden states (the module's compute dtype), e.g.
+            (B, 77, 768) for SD 1.x: the UNet's `encoder_hidden_states`.
+
+        Raises:
+            ValueError: T > max_position_embeddings.
+            IndexError: an id outside [0, vocab_size) (torch's embedding lookup).
+            RuntimeError: torch's, for non-integer ids.
+        """
         tm = self.text_model
         if input_ids.shape[-1] > self.config.max_position_embeddings:
-            raise ValueError(f"{input_ids.shape[-1]} tokens exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens; this text encoder takes at most "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
         x = tm.embeddings(input_ids)
         layers = tm.encoder.layers
         for layer in layers[: len(layers) - clip_skip]:

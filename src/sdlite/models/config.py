@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ModelFolderError
-from ..weights.model_folder import read_json  # noqa: F401  (re-exported)
+from ..fileio import read_json
 
 T = TypeVar("T")
 

@@ -1,5 +1,13 @@
 """Building blocks shared by the UNet and the VAE, named as diffusers names them.
 
+Ported from diffusers (`models/resnet.py`, `models/attention.py`, `models/attention_processor.py`,
+`models/embeddings.py`, `models/transformers/transformer_2d.py`), after the LDM reference code of
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv:2112.10752).
+Attribute names are diffusers' so that its state dicts load as they are.
+
+Shapes: B batch, C channels, H x W a feature map, N = H*W tokens, S context tokens (77 for CLIP),
+D the width of one attention head.
+
 Only the math lives here. How attention is chunked is decided by the runtime, which may replace
 `Attention.attend` on an instance (see `sdlite.runtime`); the default is torch's fused
 scaled-dot-product attention.
@@ -14,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# attend(q, k, v) with q: [B, H, Nq, D], k/v: [B, H, Nk, D] -> [B, H, Nq, D]
+# attend(q, k, v) with q: (B, heads, Nq, D), k/v: (B, heads, Nk, D) -> (B, heads, Nq, D)
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's fused attention, softmax(q k^T / sqrt(D)) v; see `AttendFn` for shapes."""
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -36,7 +45,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
     return emb
 
 
+def check_channels(x: torch.Tensor, channels: int, what: str) -> None:
+    """Raise ValueError unless `x` is a (B, channels, H, W) batch (cheap: reads the shape only)."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{what} must be a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}")
+
+
 class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: (B, in_channels) -> (B, time_embed_dim).
+
+    `cond` (B, cond_proj_dim), e.g. LCM's guidance-scale embedding, is projected and added first.
+    """
+
     def __init__(self, in_channels: int, time_embed_dim: int, cond_proj_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
@@ -50,7 +70,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-Conv twice, with the time embedding added in between (when there is one)."""
+    """GroupNorm-SiLU-Conv twice, with the time embedding added in between (when there is one).
+
+    x: (B, in_channels, H, W), temb: (B, temb_channels) or None -> (B, out_channels, H, W).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None,
                  groups: int = 32, eps: float = 1e-5, output_scale_factor: float = 1.0):
@@ -73,7 +96,10 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Stride-2 3x3 conv. The VAE encoder pads (0,1,0,1) by hand instead of padding 1."""
+    """Stride-2 3x3 conv, (B, C, H, W) -> (B, C_out, ceil(H/2), ceil(W/2)).
+
+    The VAE encoder (padding=0) pads (0,1,0,1) by hand instead, giving (B, C_out, H//2, W//2).
+    """
 
     def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1):
         super().__init__()
@@ -87,7 +113,10 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
+    """Nearest-neighbour 2x (or to `size`, to match an odd-sized skip), then a 3x3 conv.
+
+    (B, C, H, W) -> (B, C_out, 2H, 2W), or (B, C_out, *size).
+    """
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
@@ -102,10 +131,11 @@ class Upsample2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over tokens [B, N, C]; `context` gives keys/values for cross-attention.
+    """Multi-head attention over tokens (B, N, query_dim) -> (B, N, query_dim).
 
-    `group_norm` and `residual` are used by the VAE's single-head spatial attention, which works on
-    [B, C, H, W] feature maps directly.
+    `context` (B, S, context_dim) gives the keys/values for cross-attention; without it, `x` does
+    (self-attention). `group_norm` and `residual` are used by the VAE's single-head spatial
+    attention, which takes and returns (B, C, H, W) feature maps directly.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
@@ -123,6 +153,7 @@ class Attention(nn.Module):
         self.attend: AttendFn = sdpa_attend
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, heads*D) -> (B, heads, N, D)."""
         b, n, _ = x.shape
         return x.view(b, n, self.heads, -1).transpose(1, 2)
 
@@ -152,6 +183,8 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): (..., dim) -> (..., inner), `x * gelu(gate)` of one projection."""
+
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
@@ -162,7 +195,8 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward; `net` indices 0 and 2 match diffusers' keys (1 is dropout)."""
+    """GEGLU feed-forward, (..., dim) -> (..., dim); `net` indices 0 and 2 match diffusers' keys
+    (1 is dropout there, an identity here)."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -175,7 +209,10 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention over the text, feed-forward; each pre-normed and residual."""
+    """Self-attention, cross-attention over the text, feed-forward; each pre-normed and residual.
+
+    x: (B, N, dim), context: (B, S, context_dim) -> (B, N, dim).
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int,
                  only_cross_attention: bool = False):
@@ -195,7 +232,10 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """Spatial transformer: feature map -> tokens -> transformer blocks -> feature map, residual."""
+    """Spatial transformer: feature map -> tokens -> transformer blocks -> feature map, residual.
+
+    x: (B, in_channels, H, W), context: (B, S, context_dim) -> (B, in_channels, H, W).
+    """
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, context_dim: int,
                  layers: int = 1, groups: int = 32, use_linear_projection: bool = False,

@@ -1,5 +1,9 @@
 """TAESD, the tiny autoencoder (diffusers' AutoencoderTiny): convs and ReLUs only, no norms, no attention.
 
+Source: TAESD by madebyollin (github.com/madebyollin/taesd), as ported to diffusers'
+`AutoencoderTiny` (`diffusers/models/autoencoders/autoencoder_tiny.py`, blocks in `vae.py`); a distilled
+stand-in for the VAE of Rombach et al. 2022 (LDM, arXiv:2112.10752).
+
 About 1.2 M decoder parameters against the SD VAE's 49 M: a decode that costs a fraction of the time and
 memory, at some loss of fine detail. It reads and writes the *scaled* SD latents (`scaling_factor` 1.0).
 Parameter names are diffusers': `decoder.layers.<i>...` / `encoder.layers.<i>...`, where `<i>` counts the
@@ -14,12 +18,16 @@ import torch
 from torch import nn
 
 from ..errors import ModelFolderError
+from .layers import check_channels
 
 CLASS_NAME = "AutoencoderTiny"
 
 
 @dataclass
 class TAESDConfig:
+    """The fields of diffusers' AutoencoderTiny `config.json`, by its names; the defaults are TAESD's
+    for SD 1.x/2.x (madebyollin/taesd). `latent_magnitude`/`latent_shift` are read, not used here."""
+
     in_channels: int = 3
     out_channels: int = 3
     encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
@@ -41,11 +49,8 @@ class TAESDConfig:
         if self.block_out_channels is None:
             self.block_out_channels = tuple(self.decoder_block_out_channels)
 
-    @property
-    def downscale(self) -> int:
-        return self.upsampling_scaling_factor ** (len(self.num_decoder_blocks) - 1)
-
     def validate(self) -> None:
+        """Raise ModelFolderError for a config this port does not implement."""
         if self.act_fn != "relu":
             raise ModelFolderError(f"taesd config: act_fn={self.act_fn!r} is not supported (relu only)")
         if self.upsample_fn not in ("nearest", "bilinear", "bicubic"):
@@ -65,11 +70,15 @@ class TAESDConfig:
 
 
 def conv(cin: int, cout: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    """3x3 conv, padding 1: (B, cin, H, W) -> (B, cout, ceil(H/stride), ceil(W/stride))."""
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
 class AutoencoderTinyBlock(nn.Module):
-    """relu(conv-relu-conv-relu-conv(x) + skip(x)); the skip is a 1x1 conv only when the width changes."""
+    """relu(conv-relu-conv-relu-conv(x) + skip(x)); the skip is a 1x1 conv only when the width changes.
+
+    (B, cin, H, W) -> (B, cout, H, W).
+    """
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -85,7 +94,10 @@ class AutoencoderTinyBlock(nn.Module):
 
 
 class EncoderTiny(nn.Module):
-    """image in [-1, 1] -> latents. Each stage after the first halves the size with a strided conv."""
+    """(B, in_channels, H, W) image in [-1, 1] -> (B, latent_channels, H/f, W/f) latents (rounded up).
+
+    Each stage after the first halves the size with a strided conv.
+    """
 
     def __init__(self, cfg: TAESDConfig):
         super().__init__()
@@ -101,7 +113,10 @@ class EncoderTiny(nn.Module):
 
 
 class DecoderTiny(nn.Module):
-    """latents -> image in [-1, 1]. Latents are soft-clamped to (-3, 3) first, as TAESD was trained."""
+    """(B, latent_channels, h, w) latents -> (B, out_channels, h*f, w*f) image in about [-1, 1].
+
+    Latents are soft-clamped to (-3, 3) first, as TAESD was trained.
+    """
 
     def __init__(self, cfg: TAESDConfig):
         super().__init__()
@@ -121,6 +136,8 @@ class DecoderTiny(nn.Module):
 
 
 class AutoencoderTiny(nn.Module):
+    """TAESD. `with_encoder=False` (the default) builds the decoder only, all text-to-image needs."""
+
     def __init__(self, cfg: TAESDConfig, with_encoder: bool = False):
         super().__init__()
         cfg.validate()
@@ -129,9 +146,41 @@ class AutoencoderTiny(nn.Module):
         self.decoder = DecoderTiny(cfg)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Encode images to latents.
+
+        Args:
+            image: (B, in_channels, H, W) float32 images (or the module's compute dtype), values in
+                [-1, 1]. f = upsampling_scaling_factor**(len(num_decoder_blocks) - 1) (8 for SD);
+                sizes that are not multiples of f round up at each halving.
+
+        Returns:
+            (B, latent_channels, ceil(H/f), ceil(W/f)) latents in the dtype of `image`, already in
+            the UNet's scaled space (`scaling_factor` 1.0): no multiplication needed.
+
+        Raises:
+            RuntimeError: the module was built with `with_encoder=False`.
+            ValueError: `image` is not 4-d or its channel count is not `config.in_channels`.
+        """
         if self.encoder is None:
             raise RuntimeError("this TAESD was loaded without its encoder")
+        check_channels(image, self.config.in_channels, "AutoencoderTiny.encode input")
         return self.encoder(image)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode latents to images.
+
+        Args:
+            z: (B, latent_channels, h, w) float32 latents (or the module's compute dtype) as the
+                sampler produces them, i.e. SD's *scaled* latents: with `scaling_factor` 1.0 and
+                `shift_factor` 0.0 the pipeline's unscaling leaves them unchanged. Any h, w >= 1.
+
+        Returns:
+            (B, out_channels, h*f, w*f) images in the dtype of `z`, f =
+            upsampling_scaling_factor**(len(num_decoder_blocks) - 1) (8 for SD), values in about
+            [-1, 1] (not clamped).
+
+        Raises:
+            ValueError: `z` is not 4-d or its channel count is not `config.latent_channels`.
+        """
+        check_channels(z, self.config.latent_channels, "AutoencoderTiny.decode input")
         return self.decoder(z)

@@ -1,7 +1,12 @@
 """UNet2DConditionModel of Stable Diffusion 1.x/2.x, with diffusers' parameter names.
 
-Built from the `unet/config.json` of a diffusers folder, so the distilled shapes (BK-SDM: one resnet
-per down block, no mid block, fewer stages) need no special code.
+Source: diffusers' `UNet2DConditionModel` (`diffusers/models/unets/unet_2d_condition.py` and
+`unet_2d_blocks.py`), the latent denoiser of Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models" (LDM, arXiv:2112.10752). Module attribute names match diffusers' state-dict
+keys exactly, so its checkpoints load without renaming.
+
+Built from the `unet/config.json` of a diffusers folder, so the distilled shapes (BK-SDM, Kim et al.
+2023: one resnet per down block, no mid block, fewer stages) need no special code.
 """
 
 from __future__ import annotations
@@ -13,14 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFolderError
-from .layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel,
-                     Upsample2D, timestep_embedding)
+from .layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    check_channels,
+    timestep_embedding,
+)
 
 IntOrTuple = int | tuple[int, ...]
 
 
 @dataclass
 class UNetConfig:
+    """The fields of diffusers' `unet/config.json`, by its names; the defaults are SD 1.5's.
+    `validate` refuses the variants this port does not implement."""
+
     sample_size: int = 64
     in_channels: int = 4
     out_channels: int = 4
@@ -45,6 +60,10 @@ class UNetConfig:
     attention_head_dim: IntOrTuple = 8
     num_attention_heads: IntOrTuple | None = None
     use_linear_projection: bool = False
+    # Read from diffusers configs (SD 2.x sets it) and not acted on. With it, diffusers' classic
+    # attention processor computes the scores Q K^T in fp32 when the model runs in fp16. Here the compute
+    # dtype is fp32 by default (fp16/int8 stored weights are dequantized to fp32 per layer), so attention
+    # already runs in fp32; only a half compute dtype (`Pipeline.load(dtype=torch.float16)`) is not upcast.
     upcast_attention: bool = False
     time_cond_proj_dim: int | None = None
     class_embed_type: str | None = None
@@ -56,6 +75,7 @@ class UNetConfig:
     dual_cross_attention: bool = False
 
     def validate(self) -> None:
+        """Raise ModelFolderError for a config this port does not implement."""
         unsupported = {
             "class_embed_type": (self.class_embed_type, None),
             "addition_embed_type": (self.addition_embed_type, None),
@@ -83,6 +103,7 @@ class UNetConfig:
             raise ModelFolderError(f"unet config: mid_block_type {self.mid_block_type!r} is not supported")
 
     def per_block(self, value, name: str) -> tuple:
+        """`value` for each down block: a scalar repeated, or a sequence of the right length."""
         n = len(self.down_block_types)
         if isinstance(value, (tuple, list)):
             if len(value) != n:
@@ -118,6 +139,7 @@ class DownBlock(nn.Module):
                              if add_downsample else None)
 
     def forward(self, x, temb, context):
+        """(B, in_ch, H, W) -> ((B, out_ch, H', W'), the outputs the up path takes as skips)."""
         states = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -148,6 +170,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None):
+        """Consumes `skips` from the end (one per resnet); upsamples to `upsample_size` if given."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
@@ -158,6 +181,8 @@ class UpBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet, spatial transformer, resnet at the lowest resolution; (B, ch, h, w) in and out."""
+
     def __init__(self, ch: int, temb: int, heads: int, context_dim: int, cfg: UNetConfig,
                  transformer_layers: int):
         super().__init__()
@@ -175,6 +200,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
+    """The text-conditioned denoiser: noisy latents, timestep, text embeddings -> noise prediction."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         cfg.validate()
@@ -187,8 +214,6 @@ class UNet2DConditionModel(nn.Module):
         tlayers = cfg.per_block(cfg.transformer_layers_per_block, "transformer_layers_per_block")
         only_cross = cfg.per_block(cfg.only_cross_attention, "only_cross_attention")
         ctx = cfg.cross_attention_dim
-        if cfg.upcast_attention:
-            pass  # attention is computed in fp32 on CPU anyway
 
         pad = (cfg.conv_in_kernel - 1) // 2
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=pad)
@@ -226,7 +251,35 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                 encoder_hidden_states: torch.Tensor,
                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise (epsilon, or v: whatever the checkpoint was trained for) in `sample`.
+
+        Args:
+            sample: (B, in_channels, h, w) float32 noisy latents (or the module's compute dtype), in
+                the UNet's space, i.e. VAE latents times `scaling_factor`, with any input scaling the
+                sampler applies (Euler's 1/sqrt(sigma^2 + 1)) already applied. h, w = H/8, W/8 for
+                SD's VAE; odd sizes work (the up path resizes to each skip's size, as diffusers).
+            timestep: a Python number, a 0-d or (1,) tensor (shared by the batch) or a (B,) tensor,
+                any real dtype: the DDPM training timestep, nominally in [0, num_train_timesteps),
+                fractional for Euler/DPM samplers. It only feeds the sinusoidal embedding; its range
+                is not checked.
+            encoder_hidden_states: (B, S, cross_attention_dim) float32 text embeddings (the text
+                encoder's output, S = 77 for CLIP); with batched classifier-free guidance B holds
+                the unconditional and the conditional halves.
+            timestep_cond: optional (B, time_cond_proj_dim) extra timestep conditioning (LCM's
+                guidance-scale embedding); ignored unless the config has `time_cond_proj_dim`.
+
+        Returns:
+            (B, out_channels, h, w) prediction in the dtype of `sample`, unscaled: the sampler
+            reads it per the scheduler's `prediction_type`.
+
+        Raises:
+            ValueError: `sample` is not 4-d or its channel count is not `config.in_channels`.
+            RuntimeError: torch's, for a timestep with neither 1 nor B elements, or an
+                `encoder_hidden_states` whose last dim is not `cross_attention_dim` or whose
+                batch is neither B nor 1. Nothing else is checked.
+        """
         cfg = self.config
+        check_channels(sample, cfg.in_channels, "UNet sample")
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], dtype=torch.float32)
         t = timestep.reshape(-1).expand(sample.shape[0])
@@ -242,7 +295,7 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(states)
         if self.mid_block is not None:
             x = self.mid_block(x, temb, encoder_hidden_states)
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             n_res = len(block.resnets)
             block_skips = skips[-n_res:]
             del skips[-n_res:]

@@ -1,4 +1,11 @@
-"""AutoencoderKL (the SD VAE), with diffusers' parameter names: encoder, decoder, quant convs."""
+"""AutoencoderKL (the SD VAE), with diffusers' parameter names: encoder, decoder, quant convs.
+
+Source: diffusers' `AutoencoderKL` (`diffusers/models/autoencoders/autoencoder_kl.py` and `vae.py`), the
+KL-regularised autoencoder of Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models" (LDM, arXiv:2112.10752). It maps an image to latents f = 2**(len(block_out_channels) - 1) times
+smaller per side (8 for SD) and back. Latents here are *unscaled*: the diffusion model's latents are
+these times `scaling_factor` (0.18215 for SD 1.x), which the pipeline applies, not this module.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFolderError
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_channels
 
 
 @dataclass
 class VAEConfig:
+    """The fields of diffusers' `vae/config.json`, by its names; the defaults are SD 1.5's."""
+
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
@@ -32,6 +41,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def validate(self) -> None:
+        """Raise ModelFolderError for a config this port does not implement."""
         if self.act_fn != "silu":
             raise ModelFolderError(f"vae config: act_fn={self.act_fn!r} is not supported")
         if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
@@ -43,7 +53,7 @@ class VAEConfig:
 
 
 class UNetMidBlock2D(nn.Module):
-    """resnet, single-head self-attention over the feature map, resnet."""
+    """resnet, single-head self-attention over the feature map, resnet; (B, ch, h, w) in and out."""
 
     def __init__(self, ch: int, groups: int, add_attention: bool):
         super().__init__()
@@ -60,6 +70,8 @@ class UNetMidBlock2D(nn.Module):
 
 
 class DownEncoderBlock2D(nn.Module):
+    """resnets, then (except in the last block) a halving: (B, in_ch, H, W) -> (B, out_ch, H//2, W//2)."""
+
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, add_downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6)
@@ -75,6 +87,8 @@ class DownEncoderBlock2D(nn.Module):
 
 
 class UpDecoderBlock2D(nn.Module):
+    """resnets, then (except in the last block) a doubling: (B, in_ch, h, w) -> (B, out_ch, 2h, 2w)."""
+
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, add_upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6)
@@ -90,6 +104,8 @@ class UpDecoderBlock2D(nn.Module):
 
 
 class Encoder(nn.Module):
+    """(B, in_channels, H, W) image -> (B, 2 * latent_channels, H//f, W//f) moments (mean, logvar)."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
@@ -113,6 +129,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """(B, latent_channels, h, w) latents -> (B, out_channels, h*f, w*f) image."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         rch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
@@ -136,6 +154,8 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
+    """The SD VAE. `with_encoder=False` builds the decoder side only (all that text-to-image needs)."""
+
     def __init__(self, cfg: VAEConfig, with_encoder: bool = True):
         super().__init__()
         cfg.validate()
@@ -147,9 +167,25 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image in [-1, 1] -> (mean, logvar) of the latent distribution (unscaled)."""
+        """Encode images to the parameters of the latent distribution.
+
+        Args:
+            x: (B, in_channels, H, W) float32 images (or the module's compute dtype) with values in
+                [-1, 1]. H and W should be multiples of f = 2**(len(block_out_channels) - 1); other
+                sizes are floored at each halving.
+
+        Returns:
+            (mean, logvar), each (B, latent_channels, H//f, W//f) in the dtype of `x`: the diagonal
+            Gaussian over the *unscaled* latents (multiply a sample by `scaling_factor` for the UNet);
+            logvar is clamped to [-30, 20] as diffusers does.
+
+        Raises:
+            RuntimeError: the module was built with `with_encoder=False`.
+            ValueError: `x` is not 4-d or its channel count is not `config.in_channels`.
+        """
         if self.encoder is None:
             raise RuntimeError("this AutoencoderKL was built without its encoder")
+        check_channels(x, self.config.in_channels, "AutoencoderKL.encode input")
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -157,7 +193,21 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent -> image in about [-1, 1]."""
+        """Decode latents to images.
+
+        Args:
+            z: (B, latent_channels, h, w) float32 latents (or the module's compute dtype), already
+                divided by `scaling_factor` (then plus `shift_factor`, if the config has one).
+                Any h, w >= 1.
+
+        Returns:
+            (B, out_channels, h*f, w*f) images in the dtype of `z`, f = 2**(len(block_out_channels) - 1)
+            (8 for SD), values in about [-1, 1] (not clamped).
+
+        Raises:
+            ValueError: `z` is not 4-d or its channel count is not `config.latent_channels`.
+        """
+        check_channels(z, self.config.latent_channels, "AutoencoderKL.decode input")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -10,24 +10,17 @@ The destination is written to a temporary sibling and renamed into place when co
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import SdliteError
-from ..weights.model_folder import ModelFolder
-from ..weights.safetensors_mmap import save_safetensors
+from ..weights.model_folder import WEIGHT_FILES, ModelFolder, ModelFolderWriter
 from ..weights.state_dict import load_component_weights
-from .components import (_build, decoder_only_key, text_config, text_encoder_key, unet_config,
-                         vae_config)
-from .lazy_weights import SCALE_SUFFIX, quantize_int8, quantizable_weights
+from .components import _build, text_config, text_encoder_key, unet_config, vae_config
+from .lazy_weights import SCALE_SUFFIX, quantizable_weights, quantize_int8
 
 FORMATS = ("fp32", "fp16", "int8")
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}
 
 
 def _quantizable(folder: ModelFolder, part: str) -> tuple[set[str], object]:
@@ -44,10 +37,11 @@ def _quantizable(folder: ModelFolder, part: str) -> tuple[set[str], object]:
     return quantizable_weights(_build(lambda: AutoencoderKL(cfg))), None
 
 
-def convert_component(folder: ModelFolder, part: str, fmt: str, dst: Path) -> dict:
+def convert_component(folder: ModelFolder, part: str, fmt: str, out: ModelFolderWriter) -> dict:
+    """Write `part`'s weights in `fmt` into `out`; returns how many tensors went to each storage."""
     quantizable, key_map = _quantizable(folder, part)
     use_int8 = fmt == "int8" and part in ("unet", "text_encoder")
-    out: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     counts = {"int8": 0, "fp16": 0, "fp32": 0, "other": 0}
     with load_component_weights(folder.component(part)) as weights:
         for key in weights.keys():
@@ -56,51 +50,46 @@ def convert_component(folder: ModelFolder, part: str, fmt: str, dst: Path) -> di
             if name is not None and name.endswith("position_ids"):
                 continue
             if not t.is_floating_point():
-                out[key] = t.clone()
+                tensors[key] = t.clone()
                 counts["other"] += 1
             elif use_int8 and name in quantizable:
                 q, scale = quantize_int8(t)
-                out[key], out[key + SCALE_SUFFIX] = q, scale
+                tensors[key], tensors[key + SCALE_SUFFIX] = q, scale
                 counts["int8"] += 1
             elif fmt == "fp32":
-                out[key] = t.float()
+                tensors[key] = t.float()
                 counts["fp32"] += 1
             else:
-                out[key] = t.to(torch.float16)
+                tensors[key] = t.to(torch.float16)
                 counts["fp16"] += 1
-        meta = {"format": "pt", "sdlite_weights": fmt}
-        save_safetensors(out, dst / WEIGHT_FILES[part], metadata=meta)
-    del out
+        out.write_component(part, None, tensors, metadata={"format": "pt", "sdlite_weights": fmt})
+    del tensors
     return counts
 
 
+def _is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".json.index")) or "safetensors.index" in name
+
+
 def convert_model(src: str | Path, dst: str | Path, fmt: str) -> dict:
+    """Write a copy of the model folder `src` at `dst` with `fmt` weight storage ("fp32", "fp16", "int8");
+    every other file is copied as is. Returns {component: {storage: tensor count}}. Raises SdliteError for
+    an unknown format or an existing `dst`, ModelFolderError / WeightsError for a bad `src`; nothing is
+    left at `dst` when it fails."""
     if fmt not in FORMATS:
         raise SdliteError(f"--weights must be one of {', '.join(FORMATS)}, got {fmt!r}")
     folder = ModelFolder.open(src)
-    dst = Path(dst)
-    if dst.exists():
+    if Path(dst).exists():
         raise SdliteError(f"{dst}: already exists")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     report = {}
-    try:
+    with ModelFolderWriter(dst) as out:
         for item in folder.root.iterdir():
             if item.name in WEIGHT_FILES:
-                (tmp / item.name).mkdir()
                 for f in item.iterdir():
-                    if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".json.index")) \
-                            and "safetensors.index" not in f.name:
-                        shutil.copy2(f, tmp / item.name / f.name)
-                report[item.name] = convert_component(folder, item.name, fmt, tmp / item.name)
-            elif item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            elif item.is_file():
-                shutil.copy2(item, tmp / item.name)
-        (tmp / "sdlite_weights.json").write_text(json.dumps({"weights": fmt, "source": str(src),
-                                                             "tensors": report}, indent=2) + "\n")
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    if f.is_file() and not _is_weight_file(f.name):
+                        out.copy(f, f"{item.name}/{f.name}")
+                report[item.name] = convert_component(folder, item.name, fmt, out)
+            elif item.is_dir() or item.is_file():
+                out.copy(item, item.name)
+        out.write_json("sdlite_weights.json", {"weights": fmt, "source": str(src), "tensors": report})
     return report

@@ -3,7 +3,11 @@
 - RSS split into anonymous and file-backed pages (/proc/self/status RssAnon / RssFile),
 - the memory cgroup this process is charged to (cgroup v1 memory.usage_in_bytes / max_usage_in_bytes,
   or v2 memory.current / memory.peak) when there is one,
-- `trim()`: gc + glibc malloc_trim(0), so freed heap pages return to the kernel between stages.
+- `trim()`: gc + glibc malloc_trim(0), so freed heap pages return to the kernel between stages,
+- the page cache: `drop_file_cache` / `evict_folder` (posix_fadvise DONTNEED),
+- limited child cgroups for benches and tests (`Cgroup.parent_for_children().create_child(...)`).
+
+This is the one module that reads or writes cgroup files and the page cache.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +129,87 @@ class Cgroup:
             return None
         return value
 
-    def reset_peak(self) -> bool:
-        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+    def oom_kills(self) -> int:
+        """How many processes the kernel's OOM killer has killed in this cgroup."""
         try:
-            (self.path / name).write_text("0")
-            return True
+            text = (self.path / ("memory.oom_control" if self.version == 1 else "memory.events")).read_text()
         except OSError:
-            return False
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    # --- making limited cgroups (benches, tests; needs root) -------------------------------------
+
+    @classmethod
+    def parent_for_children(cls) -> "Cgroup | None":
+        """This process's memory cgroup if child cgroups with a memory limit can be made in it (v1 memory
+        controller, or v2 with the memory controller available), else None."""
+        own = cls.of_self()
+        if own is None:
+            return None
+        if own.version == 2:
+            try:
+                if "memory" not in (own.path / "cgroup.controllers").read_text().split():
+                    return None
+            except OSError:
+                return None
+        return own
+
+    def create_child(self, name: str, limit: int | None) -> "Cgroup":
+        """A new cgroup `name` below this one, limited to `limit` bytes with no swap to escape to
+        (None: no limit, it only measures). Raises OSError where it cannot be made (not root, ...)."""
+        child = Cgroup(self.path / name, self.version)
+        child.path.mkdir()
+        if limit is None:
+            return child
+        try:
+            if self.version == 1:
+                (child.path / "memory.limit_in_bytes").write_text(str(limit))
+                _try_write(child.path / "memory.memsw.limit_in_bytes", str(limit))
+            else:
+                (child.path / "memory.max").write_text(str(limit))
+                _try_write(child.path / "memory.swap.max", "0")
+        except OSError:
+            child.remove()
+            raise
+        return child
+
+    @property
+    def procs_file(self) -> str:
+        """Write a pid here to move that process into this cgroup."""
+        return str(self.path / "cgroup.procs")
+
+    def join_function(self):
+        """A function that moves the calling process into this cgroup: a subprocess `preexec_fn`."""
+        procs = self.procs_file
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return join
+
+    def remove(self) -> None:
+        """Remove this (empty) cgroup; retries for a few seconds while its last processes exit."""
+        for _ in range(50):
+            try:
+                if self.version == 1:
+                    _try_write(self.path / "memory.force_empty", "0")
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def _try_write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass
 
 
 def drop_file_cache(path: str | os.PathLike) -> None:
@@ -145,3 +224,14 @@ def drop_file_cache(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def evict_folder(folder: str | os.PathLike) -> int:
+    """Drop every file below `folder` from the page cache (see `drop_file_cache`), so that the next reader
+    is charged for its pages. Returns how many files were advised."""
+    n = 0
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            drop_file_cache(p)
+            n += 1
+    return n

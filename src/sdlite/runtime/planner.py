@@ -26,12 +26,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..errors import SdliteError
+from ..errors import PlanError
+from ..units import MiB, format_bytes
 from ..weights.model_folder import ModelFolder
 from ..weights.state_dict import load_component_weights
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 
 # Calibrated with bench/calibrate_memory.py on the SD 1.5-size random model, fp32, 2 threads
 # (anonymous-memory peak above the loaded state). UNet: 399 MB at batch 2 x 64x64 latents, 363 MB at
@@ -67,12 +65,8 @@ SAFETY = 1.05                          # on anonymous memory: the samplers above
 # 240 MB measured in the cgroup between stages (the shared libraries' pages are charged to whoever
 # read them first; on a freshly booted device that is sdlite, add about 90 MB there)
 BASE_BYTES = 240 * MiB
-MIN_STREAM_BYTES = 128 * MiB
-LAYER_CHUNK = 16 * MiB                 # slice size of the largest layers when chunking is on           # page cache a streamed stage needs for its current layers
-
-
-class PlanError(SdliteError):
-    """No combination of levers fits the budget."""
+MIN_STREAM_BYTES = 128 * MiB           # page cache a streamed stage needs for its current layers
+LAYER_CHUNK = 16 * MiB                 # slice size of the largest layers when chunking is on
 
 
 @dataclass
@@ -151,7 +145,7 @@ class Plan:
         parts = [f"residency={self.residency}", f"cfg={self.cfg}",
                  f"vae={'tiled ' + str(self.vae_tile * 8) + 'px' if self.vae_tile else 'untiled'}",
                  f"weights={self.weights_mode}", f"attention={self.attention}",
-                 f"layer_chunk={fmt_bytes(self.layer_chunk) if self.layer_chunk else 'off'}",
+                 f"layer_chunk={format_bytes(self.layer_chunk) if self.layer_chunk else 'off'}",
                  f"kv_cache={'on' if self.kv_cache else 'off'}"]
         if self.streamed:
             parts.append("streamed=" + "+".join(self.streamed))
@@ -289,32 +283,46 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     if sizes.unet.stored_bytes > 0.3 * sizes.unet.fp32_bytes:
         hint += ", or int8 weights (sdlite convert MODEL OUT --weights int8)"
     raise PlanError(
-        f"a {width}x{height} generation does not fit in {fmt_bytes(budget)}: the leanest plan needs "
-        f"about {fmt_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M{hint})")
+        f"a {width}x{height} generation does not fit in {format_bytes(budget)}: the leanest plan needs "
+        f"about {format_bytes(smallest)} (try --memory-budget {math.ceil(smallest / MiB)}M{hint})")
 
 
 def _anon_only(sizes: ModelSizes, plan: Plan, width: int, height: int) -> dict:
     return {stage: stage_needs(sizes, plan, stage, width, height)[0] for stage in STAGES}
 
 
-def fmt_bytes(n: int) -> str:
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    return f"{n / MiB:.0f} MiB"
+class SizePlans:
+    """The plans of one loaded model for each request size.
 
+    A model is loaded under one plan, made for one size. A request of another size under a memory budget
+    gets its own plan for the same budget, which keeps the loaded plan's residency and weights mode (the
+    networks are already built that way); plans are cached per size. Without a budget every size uses
+    the loaded plan."""
 
-def parse_bytes(text: str) -> int:
-    """'1.5G', '768M', '512MiB', '2GB', '1073741824' -> bytes (binary units)."""
-    t = text.strip().upper().replace("IB", "").rstrip("B")
-    units = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
-    mult = 1
-    if t and t[-1] in units:
-        mult = units[t[-1]]
-        t = t[:-1]
-    try:
-        value = float(t)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 1.5G, 768M)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"a memory budget must be positive, got {text!r}")
-    return int(value * mult)
+    def __init__(self, folder: ModelFolder, loaded: Plan):
+        self.folder, self.loaded = folder, loaded
+        self._sizes: ModelSizes | None = None
+        self._plans: dict[tuple[int, int], Plan] = {}
+
+    def plan_for(self, width: int, height: int) -> Plan:
+        """The plan for a `width` x `height` (pixels) request. Raises PlanError when that size does not
+        fit the budget, or needs one stage at a time while the model was loaded with every network
+        resident."""
+        plan = self.loaded
+        if plan.budget is None or (plan.width, plan.height) == (width, height):
+            return plan
+        cached = self._plans.get((width, height))
+        if cached is not None:
+            return cached
+        if self._sizes is None:
+            self._sizes = ModelSizes.of(self.folder)
+        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes)
+        if plan.residency == "staged":
+            new.residency = "staged"
+        elif new.residency == "staged":
+            raise PlanError(f"{width}x{height} needs one stage at a time in {format_bytes(plan.budget)}, "
+                            f"but this pipeline was loaded for {plan.width}x{plan.height} with every "
+                            "network resident; load it for the larger size")
+        new.weights_mode = plan.weights_mode
+        self._plans[(width, height)] = new
+        return new

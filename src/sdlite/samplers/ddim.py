@@ -1,4 +1,4 @@
-"""DDIM: denoising diffusion implicit models (Song, Meng & Ermon 2021)."""
+"""DDIM: denoising diffusion implicit models (Song, Meng & Ermon 2020, arXiv:2010.02502)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import torch
 from .schedule import predicted_x0_and_eps
 
 
-def sample_ddim(model, x, timesteps, alphas, alphas_next, prediction_type="epsilon", eta=0.0,
-                clip_sample=None, generator=None, callback=None):
+def sample_ddim(model, x, timesteps, alphas, alphas_next, prediction_type="epsilon", eta=0.0, clip_sample=None,
+                *, generator=None, callback=None):
     """DDIM, eq. 12 of the paper: from x_t, predict x0 and eps, then jump to the next (less noisy) abar.
 
-    `alphas[i]` / `alphas_next[i]` are abar at step i and at the step it jumps to. eta = 0 is the deterministic
-    sampler; eta = 1 draws DDPM's posterior noise (one normal draw per step from `generator`).
+    x: the initial latent (B, C, H/8, W/8) float32; returns the final latent, same shape and dtype.
+    timesteps: float32 1-d, the timesteps the network sees. `alphas[i]` / `alphas_next[i]` (0-d float32
+    tensors) are abar at step i and at the step it jumps to. eta = 0 is the deterministic sampler; eta = 1
+    draws DDPM's posterior noise (one normal draw of x's shape per step from `generator`; none for eta = 0).
     `clip_sample`: clamp the predicted x0 to [-clip_sample, clip_sample] (None: no clamping).
+    `callback(i, n, x)` after each step. Raises only what `model` or `callback` raise.
     """
     for i, t in enumerate(timesteps):
         a, a_next = alphas[i], alphas_next[i]

@@ -1,4 +1,5 @@
-"""DPM-Solver++(2M): multistep second-order solver of the diffusion ODE in x0 form (Lu et al. 2022)."""
+"""DPM-Solver++(2M): multistep second-order solver of the diffusion ODE in x0 form
+(Lu, Zhou, Bao, Chen, Li & Zhu 2022, arXiv:2211.01095)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from .schedule import predicted_x0_and_eps
 
 
 def sample_dpmpp_2m(model, x, timesteps, sigmas, prediction_type="epsilon", lower_order_final=True,
-                    euler_at_final=False, callback=None):
+                    euler_at_final=False, *, generator=None, callback=None):
     """Algorithm 2 of the DPM-Solver++ paper, in the VP form x = alpha x0 + sigma eps.
 
-    `sigmas` are the VE sigmas s (len(timesteps) + 1 of them, the last 0 or sigma_min); alpha = 1/sqrt(s^2+1),
-    sigma = s alpha, and lambda = log(alpha / sigma) is the half log-SNR the solver steps in. The first step
-    is first order (DPM-Solver++1 = DDIM); so is the last, when it lands on sigma 0 or, with
-    `lower_order_final`, when there are fewer than 15 steps (it stabilizes short runs).
+    x: the initial latent (B, C, H/8, W/8) float32; returns the final latent, same shape and dtype.
+    timesteps: float32 1-d (n,). `sigmas`: float32 1-d (n + 1,), the VE sigmas s, the last 0 or sigma_min;
+    alpha = 1/sqrt(s^2+1), sigma = s alpha, and lambda = log(alpha / sigma) is the half log-SNR the solver
+    steps in. The first step is first order (DPM-Solver++1 = DDIM); so is the last, when it lands on sigma 0
+    or, with `lower_order_final`, when there are fewer than 15 steps (it stabilizes short runs).
+    Deterministic: `generator` is ignored. `callback(i, n, x)` after each step. Raises only what `model` or
+    `callback` raise.
     """
     n = len(timesteps)
     x0_prev = h_prev = None

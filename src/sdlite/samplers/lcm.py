@@ -1,4 +1,5 @@
-"""LCM: latent consistency model multistep sampling (Luo et al. 2023, Algorithm 1)."""
+"""LCM: latent consistency model multistep sampling (Luo, Tan, Huang, Li & Zhao 2023, arXiv:2310.04378,
+Algorithm 1)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from .schedule import predicted_x0_and_eps
 
 
 def sample_lcm(model, x, timesteps, alphas_cumprod, prediction_type="epsilon", timestep_scaling=10.0,
-               clip_sample=None, generator=None, callback=None):
+               clip_sample=None, *, generator=None, callback=None):
     """Each step maps x_t straight to a clean estimate with the consistency function
     f(x, t) = c_skip(t) x + c_out(t) x0(x, t), then (except at the end) re-noises it to the next timestep
-    with a fresh normal draw from `generator`."""
+    with a fresh normal draw of x's shape from `generator`.
+
+    x: the initial latent (B, C, H/8, W/8) float32; returns the final latent, same shape and dtype.
+    timesteps: float32 1-d, integral values; alphas_cumprod: float32 1-d (num_train_timesteps,), abar_t.
+    `clip_sample`: clamp the predicted x0 to [-clip_sample, clip_sample] (None: no clamping).
+    `callback(i, n, x)` after each step. Raises only what `model` or `callback` raise.
+    """
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         a = alphas_cumprod[t.long()]

@@ -116,7 +116,9 @@ def resolve_config(class_name: str, config: dict, **forced) -> dict:
     """The config diffusers' `class_name.from_config(config, **forced)` would run with (the keys we use).
 
     Keys listed in `_use_default_values` (diffusers writes that list into a loaded scheduler's config) are
-    dropped first, as `from_config` does, so they too take `class_name`'s defaults.
+    dropped first, as `from_config` does, so they too take `class_name`'s defaults. `forced` overrides both.
+    Raises ModelFolderError for a value sdlite's samplers do not implement (see `_SUPPORTED`), KeyError for a
+    class_name not in `DEFAULTS`.
     """
     defaults = DEFAULTS[class_name]
     from_defaults = set(config.get("_use_default_values", ()))
@@ -156,7 +158,7 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def alphas_cumprod(cfg: dict, terminal_floor: bool = False) -> torch.Tensor:
-    """abar_t for t = 0..T-1, float32.
+    """abar_t for t = 0..T-1: float32 1-d (T,), T = num_train_timesteps.
 
     `terminal_floor`: the sigma-based schedulers (Euler, DPM-Solver) replace a zero-SNR abar_{T-1} = 0 by
     2**-24 so that sigma stays finite; DDIM and LCM keep the zero.
@@ -179,7 +181,7 @@ def alphas_cumprod(cfg: dict, terminal_floor: bool = False) -> torch.Tensor:
 
 
 def sigmas_of(abar: torch.Tensor) -> np.ndarray:
-    """VE sigmas s_t = sqrt((1 - abar_t) / abar_t) at every training timestep (float32, ascending in t)."""
+    """VE sigmas s_t = sqrt((1 - abar_t) / abar_t) at every training timestep: float32 numpy (T,), ascending."""
     return (((1 - abar) / abar) ** 0.5).numpy()
 
 
@@ -187,6 +189,7 @@ def predicted_x0_and_eps(output: torch.Tensor, x: torch.Tensor, alpha, sigma, pr
     """Split the network output for x = alpha x0 + sigma eps into (x0, eps).
 
     epsilon-prediction returns eps itself; v-prediction (Salimans & Ho 2022) returns v = alpha eps - sigma x0.
+    output, x: (B, C, H/8, W/8) float32; alpha, sigma: 0-d float32 tensors. Returns two tensors shaped as x.
     """
     if prediction_type == "epsilon":
         return (x - sigma * output) / alpha, output
@@ -211,7 +214,8 @@ def spaced_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int
 
 
 def ddim_timesteps(cfg: dict, steps: int) -> torch.Tensor:
-    """DDIM's integer timesteps, descending (diffusers rounds the spaced ones)."""
+    """DDIM's integer timesteps, descending (diffusers rounds the spaced ones): int64 1-d (n,),
+    n = steps, or steps + 1 with the "trailing" quirk of `spaced_timesteps`."""
     timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
     return torch.from_numpy(timesteps.round().astype(np.int64))
 
@@ -220,7 +224,8 @@ def ddim_schedule(cfg: dict, steps: int):
     """DDIM's timesteps and, for each, abar at that step and at the step it jumps to.
 
     As diffusers, the jump is always T // steps, whatever the spacing; below t = 0 it lands on abar = 1
-    (`set_alpha_to_one`) or abar_0.
+    (`set_alpha_to_one`) or abar_0. Returns (timesteps float32 1-d (n,), alphas, alphas_next), the last two
+    lists of n 0-d float32 tensors; n as `ddim_timesteps`.
     """
     n_train = cfg["num_train_timesteps"]
     timesteps = ddim_timesteps(cfg, steps)
@@ -233,14 +238,20 @@ def ddim_schedule(cfg: dict, steps: int):
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022), eq. 5: `steps` sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
+    """Karras et al. (2022), eq. 5: `steps` sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho).
+
+    Returns float64 numpy (steps,), descending.
+    """
     ramp = np.linspace(0, 1, steps)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """The (fractional) training timestep of each sigma: linear interpolation in log sigma."""
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma.
+
+    sigmas: numpy (n,); log_sigmas: numpy (T,), ascending. Returns float64 numpy (n,).
+    """
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
@@ -248,7 +259,11 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def euler_schedule(cfg: dict, steps: int):
-    """Timesteps and VE sigmas (with a final 0 or sigma_min) for Euler and Euler ancestral, float32 tensors."""
+    """Timesteps and VE sigmas (with a final 0 or sigma_min) for Euler and Euler ancestral.
+
+    Returns (timesteps float32 1-d (n,), sigmas float32 1-d (n + 1,)); n = steps, or steps + 1 with the
+    "trailing" quirk of `spaced_timesteps`.
+    """
     timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
     timesteps = timesteps.astype(np.float32)
     abar = alphas_cumprod(cfg, terminal_floor=True)
@@ -265,7 +280,10 @@ def euler_schedule(cfg: dict, steps: int):
 
 
 def euler_init_sigma(cfg: dict, sigmas: torch.Tensor) -> torch.Tensor:
-    """The std of the initial latent: sigma_max, or as diffusers sqrt(sigma_max^2 + 1) for "leading" spacing."""
+    """The std of the initial latent: sigma_max, or as diffusers sqrt(sigma_max^2 + 1) for "leading" spacing.
+
+    sigmas: float32 1-d; returns a 0-d float32 tensor.
+    """
     if cfg["timestep_spacing"] in ("linspace", "trailing"):
         return sigmas.max()
     return (sigmas.max() ** 2 + 1) ** 0.5
@@ -275,7 +293,8 @@ def dpm_solver_schedule(cfg: dict, steps: int, karras: bool):
     """Integer timesteps and VE sigmas (with a final 0 or sigma_min) for DPM-Solver++, float32 tensors.
 
     Unlike DDIM and Euler, diffusers spaces steps + 1 points and drops the last, and counts only timesteps
-    whose log-SNR is above `lambda_min_clipped`.
+    whose log-SNR is above `lambda_min_clipped`. Returns (timesteps float32 1-d (n,), integral values;
+    sigmas float32 1-d (n + 1,)); n = steps, or steps + 1 with "trailing" spacing's quirk.
     """
     n_train = cfg["num_train_timesteps"]
     abar = alphas_cumprod(cfg, terminal_floor=True)
@@ -303,7 +322,10 @@ def dpm_solver_schedule(cfg: dict, steps: int, karras: bool):
 
 
 def lcm_timesteps(cfg: dict, steps: int) -> torch.Tensor:
-    """LCM (Luo et al. 2023): `steps` of the `original_inference_steps` skipping-step timesteps it was distilled on."""
+    """LCM (Luo et al. 2023): `steps` of the `original_inference_steps` skipping-step timesteps it was distilled on.
+
+    Returns float32 1-d (steps,), integral values, descending; steps <= original_inference_steps.
+    """
     original = cfg["original_inference_steps"]
     k = cfg["num_train_timesteps"] // original
     origin = (np.arange(1, original + 1) * k - 1)[::-1]

@@ -25,8 +25,8 @@ from typing import Callable
 
 from ..errors import Cancelled, InvalidRequest, SdliteError
 from ..pipeline import GenerationRequest, GenerationResult, StageTiming
+from ..request import LIBRARY_CAPS
 from ..runtime.memory import malloc_trim
-from ..samplers import timesteps_for
 from .breaker import STATE_VALUES, CircuitBreaker
 
 log = logging.getLogger("sdlite.serve")
@@ -205,11 +205,10 @@ class Executor:
         """Refuse at once (INVALID_ARGUMENT) a step count the model's schedule cannot place (field steps)
         and a size the memory plan cannot fit (field width)."""
         scheduler_config = getattr(self.pipe, "scheduler_config", None)
-        if scheduler_config is not None:
-            try:
-                timesteps_for(request.sampler, request.steps, scheduler_config)
-            except InvalidRequest as exc:
-                raise ServeError(INVALID_ARGUMENT, str(exc), field=exc.field) from None
+        try:  # the fields were checked under the service's caps; this adds the model's own and its schedule
+            request.validate(getattr(self.pipe, "caps", LIBRARY_CAPS), scheduler_config)
+        except InvalidRequest as exc:
+            raise ServeError(INVALID_ARGUMENT, str(exc), field=exc.field) from None
         plan_for = getattr(self.pipe, "plan_for", None)
         if plan_for is None:
             return

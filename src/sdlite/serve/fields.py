@@ -1,8 +1,9 @@
 """Request fields -> a validated `GenerationRequest`, under the service's caps.
 
 Every front end turns its wire format into one plain dict with the keys below (the library's names) and
-calls `build_request`; a bad field raises `InvalidRequest` with `.field` set to that key, and the front end
-renames it to its own wire name (A1111 `sampler_name`, OpenAI `size`, ...) before answering.
+calls `build_request`, which checks it with the request contract (`sdlite.request`) under the service's
+`Caps`; a bad field raises `InvalidRequest` with `.field` set to that key, and the front end renames it to
+its own wire name (A1111 `sampler_name`, OpenAI `size`, ...) before answering.
 
     prompt, negative_prompt, steps, cfg_scale, seed, width, height, sampler, clip_skip, n
 """
@@ -10,12 +11,9 @@ renames it to its own wire name (A1111 `sampler_name`, OpenAI `size`, ...) befor
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
-from ..errors import InvalidRequest
-from ..pipeline import GenerationRequest
-from ..samplers import SAMPLERS
+from ..request import Caps, GenerationRequest, check_int
 from .config import Limits
 
 FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
@@ -41,33 +39,24 @@ class Defaults:
         return cls(width=native, height=native, text_layers=text.num_hidden_layers)
 
 
-def _integer(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise InvalidRequest(name, f"must be an integer, got {value!r}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
+def _whole(value):
+    """A JSON number that is a whole float (20.0) becomes an int; anything else is left to the contract."""
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         return int(value)
-    raise InvalidRequest(name, f"must be an integer, got {value!r}")
-
-
-def _bounded(name: str, value, low: int, high: int) -> int:
-    v = _integer(name, value)
-    if not low <= v <= high:
-        raise InvalidRequest(name, f"must be in [{low}, {high}], got {v}")
-    return v
-
-
-def _text(name: str, value, limit: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(name, f"must be a string, got {type(value).__name__}")
-    if len(value) > limit:
-        raise InvalidRequest(name, f"at most {limit} characters, got {len(value)}")
     return value
 
 
+def caps_for(limits: Limits, defaults: Defaults) -> Caps:
+    """The service's caps on a request: the operator's limits, cfg_scale at most 100, and clip_skip
+    leaving at least one text encoder layer."""
+    return Caps(max_width=limits.max_width, max_height=limits.max_height, max_steps=limits.max_steps,
+                max_cfg_scale=100.0, max_clip_skip=defaults.text_layers - 1,
+                max_prompt_chars=limits.max_prompt_chars)
+
+
 def build_request(fields: dict, limits: Limits, defaults: Defaults) -> tuple[GenerationRequest, int]:
-    """(request, number of images). Unknown keys are a programming error of the front end."""
+    """(request validated under the service's caps, number of images). A bad field raises InvalidRequest
+    naming it; unknown keys are a programming error of the front end (ValueError)."""
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown request keys {sorted(unknown)}")
@@ -76,28 +65,15 @@ def build_request(fields: dict, limits: Limits, defaults: Defaults) -> tuple[Gen
         value = fields.get(key)
         return default if value is None else value
 
-    prompt = _text("prompt", get("prompt", ""), limits.max_prompt_chars)
-    negative = _text("negative_prompt", get("negative_prompt", ""), limits.max_prompt_chars)
-    steps = _bounded("steps", get("steps", defaults.steps), 1, limits.max_steps)
-    cfg = get("cfg_scale", defaults.cfg_scale)
-    if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) \
-            or not 0 <= cfg <= 100:
-        raise InvalidRequest("cfg_scale", f"must be a finite number in [0, 100], got {cfg!r}")
-    width = _bounded("width", get("width", defaults.width), 8, limits.max_width)
-    height = _bounded("height", get("height", defaults.height), 8, limits.max_height)
-    for name, v in (("width", width), ("height", height)):
-        if v % 8:
-            raise InvalidRequest(name, f"must be a multiple of 8, got {v}")
-    sampler = get("sampler", "") or defaults.sampler
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    seed = fields.get("seed")
-    if seed is not None:
-        seed = _integer("seed", seed)
-        if not 0 <= seed < 2**64:
-            raise InvalidRequest("seed", f"must be in [0, 2^64), got {seed}")
-    clip_skip = _bounded("clip_skip", get("clip_skip", 0), 0, defaults.text_layers - 1)
-    n = _bounded("n", get("n", 1), 1, limits.max_images)
-    request = GenerationRequest(prompt, negative, steps, float(cfg), seed, width, height, sampler,
-                                clip_skip).validate()
+    request = GenerationRequest(
+        prompt=get("prompt", ""), negative_prompt=get("negative_prompt", ""),
+        steps=_whole(get("steps", defaults.steps)),
+        cfg_scale=get("cfg_scale", defaults.cfg_scale),
+        seed=_whole(fields.get("seed")),
+        width=_whole(get("width", defaults.width)),
+        height=_whole(get("height", defaults.height)),
+        sampler=get("sampler", "") or defaults.sampler,
+        clip_skip=_whole(get("clip_skip", 0)),
+    ).validate(caps_for(limits, defaults))
+    n = check_int("n", _whole(get("n", 1)), 1, limits.max_images)
     return request, n

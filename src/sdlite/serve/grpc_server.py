@@ -25,8 +25,18 @@ from grpc_reflection.v1alpha import reflection
 from ..errors import InvalidRequest
 from . import sdlite_pb2 as pb
 from . import sdlite_pb2_grpc as pb_grpc
-from .execution import (CANCELLED, DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK,
-                        RESOURCE_EXHAUSTED, UNAVAILABLE, Executor, Image, ServeError)
+from .execution import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    OK,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Executor,
+    Image,
+    ServeError,
+)
 from .fields import build_request
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextToImage"].full_name

@@ -29,9 +29,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import InvalidRequest
-from ..pipeline import SAMPLER_LABELS
-from .execution import (CANCELLED, DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, OK,
-                        RESOURCE_EXHAUSTED, UNAVAILABLE, Executor, ServeError)
+from ..samplers import SAMPLER_SPECS, resolve_sampler, sampler_label
+from .execution import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    OK,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Executor,
+    ServeError,
+)
 from .fields import build_request
 
 log = logging.getLogger("sdlite.serve.http")
@@ -39,27 +48,14 @@ log = logging.getLogger("sdlite.serve.http")
 HTTP_STATUS = {RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504, CANCELLED: 499,
                INTERNAL: 500}
 
-# A1111 sampler labels (and sdlite's own names) -> sdlite sampler
-A1111_SAMPLERS = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
-A1111_SAMPLERS.update({name: name for name in SAMPLER_LABELS})
-A1111_SAMPLERS.update({"euler_a": "euler_a", "k_euler_a": "euler_a", "k_euler": "euler",
-                       "k_dpmpp_2m": "dpm++2m", "dpm++ 2m karras": "dpm++2m_karras"})
-
-
-class BadField(Exception):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-
 def _int_field(body: dict, name: str, default: int) -> int:
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise BadField(name, f"must be an integer, got {value!r}")
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")
     if value < 1:
-        raise BadField(name, f"must be at least 1, got {value!r}")
+        raise InvalidRequest(name, f"must be at least 1, got {value!r}")
     return int(value)
 
 
@@ -73,25 +69,25 @@ def a1111_fields(body: dict) -> dict:
         fields["seed"] = seed
     sampler = body.get("sampler_name") or body.get("sampler_index")
     if sampler is not None:
-        if not isinstance(sampler, str) or sampler.strip().lower() not in A1111_SAMPLERS:
-            raise BadField("sampler_name", f"unknown sampler {sampler!r}; choose one of "
-                           f"{', '.join(SAMPLER_LABELS.values())}")
-        fields["sampler"] = A1111_SAMPLERS[sampler.strip().lower()]
+        try:  # a label ("Euler a"), a name or an A1111 alias
+            fields["sampler"] = resolve_sampler(sampler)
+        except InvalidRequest as exc:
+            raise InvalidRequest("sampler_name", exc.message) from None
     scheduler = body.get("scheduler")
     if scheduler not in (None, "", "Automatic", "automatic"):
-        if not isinstance(scheduler, str) or scheduler.lower() != "karras" \
-                or fields.get("sampler", "dpm++2m") not in ("dpm++2m", "dpm++2m_karras"):
-            raise BadField("scheduler", f"unsupported scheduler {scheduler!r} for this sampler "
-                           "(only 'Karras' with DPM++ 2M)")
-        fields["sampler"] = "dpm++2m_karras"
+        karras = SAMPLER_SPECS[fields.get("sampler", "dpm++2m")].karras_variant
+        if not isinstance(scheduler, str) or scheduler.lower() != "karras" or karras is None:
+            raise InvalidRequest("scheduler", f"unsupported scheduler {scheduler!r} for this sampler "
+                                 "(only 'Karras' with DPM++ 2M)")
+        fields["sampler"] = karras
     overrides = body.get("override_settings")
     overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
-        raise BadField("override_settings", "must be an object")
+        raise InvalidRequest("override_settings", "must be an object")
     stop_at = overrides.get("CLIP_stop_at_last_layers")
     if stop_at is not None:
         if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
-            raise BadField("override_settings.CLIP_stop_at_last_layers",
+            raise InvalidRequest("override_settings.CLIP_stop_at_last_layers",
                            f"must be an integer >= 1, got {stop_at!r}")
         fields["clip_skip"] = stop_at - 1
     fields["n"] = _int_field(body, "batch_size", 1) * _int_field(body, "n_iter", 1)
@@ -110,25 +106,25 @@ def openai_fields(body: dict) -> dict:
     cfg_scale, seed, sampler) may be sent as extra fields (the client's `extra_body`)."""
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        raise BadField("prompt", "a non-empty string is required")
+        raise InvalidRequest("prompt", "a non-empty string is required")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise BadField("model", "must be a string")
+        raise InvalidRequest("model", "must be a string")
     fmt = body.get("response_format")
     if fmt not in (None, "b64_json"):
-        raise BadField("response_format", f"only 'b64_json' is supported (images are returned inline), "
+        raise InvalidRequest("response_format", f"only 'b64_json' is supported (images are returned inline), "
                        f"got {fmt!r}")
     out = body.get("output_format")
     if out not in (None, "png"):
-        raise BadField("output_format", f"only 'png' is supported, got {out!r}")
+        raise InvalidRequest("output_format", f"only 'png' is supported, got {out!r}")
     if body.get("stream"):
-        raise BadField("stream", "streaming is not supported over HTTP; use gRPC GenerateStream")
+        raise InvalidRequest("stream", "streaming is not supported over HTTP; use gRPC GenerateStream")
     fields = {"prompt": prompt, "n": body.get("n")}
     size = body.get("size")
     if size not in (None, "auto"):
         m = SIZE_RE.match(size) if isinstance(size, str) else None
         if not m:
-            raise BadField("size", f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}")
+            raise InvalidRequest("size", f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}")
         fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
     for key in OPENAI_EXTENSIONS:
         if body.get(key) is not None:
@@ -178,10 +174,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), headers=headers)
 
     def _read_body(self):
-        """The JSON object sent, or BadField('body', ...) (with the connection marked to close)."""
+        """The JSON object sent, or InvalidRequest('body', ...) (with the connection marked to close)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise BadField("body", "chunked bodies are not supported; send Content-Length")
+            raise InvalidRequest("body", "chunked bodies are not supported; send Content-Length")
         length = self.headers.get("Content-Length")
         try:
             size = int(length)
@@ -189,20 +185,20 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except (TypeError, ValueError):
             self.close_connection = True
-            raise BadField("body", "a Content-Length header is required") from None
+            raise InvalidRequest("body", "a Content-Length header is required") from None
         if size > self.app.limits.max_body_bytes:
             self.close_connection = True
-            raise BadField("body", f"at most {self.app.limits.max_body_bytes} bytes, got {size}")
+            raise InvalidRequest("body", f"at most {self.app.limits.max_body_bytes} bytes, got {size}")
         raw = self.rfile.read(size)
         if len(raw) != size:
             self.close_connection = True
-            raise BadField("body", "truncated")
+            raise InvalidRequest("body", "truncated")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise BadField("body", f"not valid JSON: {exc}") from None
+            raise InvalidRequest("body", f"not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise BadField("body", "must be a JSON object")
+            raise InvalidRequest("body", "must be a JSON object")
         return body
 
     def _client_timeout(self) -> float | None:
@@ -214,7 +210,7 @@ class Handler(BaseHTTPRequestHandler):
             if not t > 0 or t == float("inf"):
                 raise ValueError
         except ValueError:
-            raise BadField("X-Request-Timeout", f"must be a positive number of seconds, got {value!r}") \
+            raise InvalidRequest("X-Request-Timeout", f"must be a positive number of seconds, got {value!r}") \
                 from None
         return t
 
@@ -227,15 +223,12 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _generate(self, fields: dict, rename: dict):
-        """Submit and wait; (job, images) or raises ServeError / BadField."""
+    def _generate(self, fields: dict):
+        """Submit and wait; (job, images) or raises ServeError / InvalidRequest (with sdlite's field
+        name: the route renames it to its wire name)."""
         app = self.app
         timeout = self._client_timeout()
-        try:
-            request, n = build_request(fields, app.limits, app.defaults)
-        except InvalidRequest as exc:
-            name = rename.get(exc.field, exc.field)
-            raise BadField(name, str(exc).split(": ", 1)[-1]) from None
+        request, n = build_request(fields, app.limits, app.defaults)
         try:
             job = app.executor.submit(request, n, timeout=timeout)
             try:
@@ -250,8 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             return job, job.outcome()
         except ServeError as exc:
             if exc.code == INVALID_ARGUMENT and exc.field:  # e.g. a size the memory plan cannot fit
-                name = rename.get(exc.field, exc.field)
-                raise BadField(name, exc.message.split(": ", 1)[-1]) from None
+                raise InvalidRequest(exc.field, exc.message.split(": ", 1)[-1]) from None
             raise
 
     # --- routes --------------------------------------------------------------------------------
@@ -269,8 +261,8 @@ class Handler(BaseHTTPRequestHandler):
             body, ctype = self.app.metrics.exposition()
             self._send(200, body, ctype)
         elif path == "/sdapi/v1/samplers":
-            self._json(200, [{"name": label, "aliases": [name], "options": {}}
-                             for name, label in SAMPLER_LABELS.items()])
+            self._json(200, [{"name": spec.label, "aliases": [spec.name, *spec.aliases], "options": {}}
+                             for spec in SAMPLER_SPECS.values()])
         elif path in ("/sdapi/v1/txt2img", "/v1/images/generations"):
             self._json(405, {"error": "method_not_allowed", "detail": "use POST"}, {"Allow": "POST"})
         else:
@@ -311,11 +303,12 @@ class Handler(BaseHTTPRequestHandler):
         api = "a1111"
         try:
             body = self._read_body()
-            job, images = self._generate(a1111_fields(body), A1111_FIELD_NAMES)
-        except BadField as exc:
+            job, images = self._generate(a1111_fields(body))
+        except InvalidRequest as exc:
             self._count(api, INVALID_ARGUMENT)
-            self._json(422, {"error": "invalid_argument", "field": exc.field,
-                             "detail": [{"loc": ["body", exc.field], "msg": exc.message,
+            name = A1111_FIELD_NAMES.get(exc.field, exc.field)
+            self._json(422, {"error": "invalid_argument", "field": name,
+                             "detail": [{"loc": ["body", name], "msg": exc.message,
                                          "type": "value_error"}]})
             return
         except ServeError as exc:
@@ -332,7 +325,7 @@ class Handler(BaseHTTPRequestHandler):
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
             "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
             "subseed_strength": 0, "width": req.width, "height": req.height,
-            "sampler_name": SAMPLER_LABELS.get(req.sampler, req.sampler), "cfg_scale": req.cfg_scale,
+            "sampler_name": sampler_label(req.sampler), "cfg_scale": req.cfg_scale,
             "steps": req.steps, "batch_size": n, "restore_faces": False,
             "sd_model_name": self.app.model_name, "clip_skip": req.clip_skip + 1,
             "infotexts": infotexts, "styles": [], "index_of_first_image": 0,
@@ -343,7 +336,7 @@ class Handler(BaseHTTPRequestHandler):
         parameters.update({"prompt": req.prompt, "negative_prompt": req.negative_prompt,
                            "steps": req.steps, "cfg_scale": req.cfg_scale, "width": req.width,
                            "height": req.height, "seed": body.get("seed", -1),
-                           "sampler_name": SAMPLER_LABELS.get(req.sampler, req.sampler)})
+                           "sampler_name": sampler_label(req.sampler)})
         self._count(api, OK, job)
         send = body.get("send_images", True) is not False
         self._json(200, {"images": [base64.b64encode(im.png).decode("ascii") for im in images] if send else [],
@@ -353,11 +346,12 @@ class Handler(BaseHTTPRequestHandler):
         api = "openai"
         try:
             body = self._read_body()
-            job, images = self._generate(openai_fields(body), OPENAI_FIELD_NAMES)
-        except BadField as exc:
+            job, images = self._generate(openai_fields(body))
+        except InvalidRequest as exc:
             self._count(api, INVALID_ARGUMENT)
-            self._json(400, {"error": {"message": str(exc), "type": "invalid_request_error",
-                                       "param": exc.field, "code": "invalid_value"}})
+            name = OPENAI_FIELD_NAMES.get(exc.field, exc.field)
+            self._json(400, {"error": {"message": f"{name}: {exc.message}", "type": "invalid_request_error",
+                                       "param": name, "code": "invalid_value"}})
             return
         except ServeError as exc:
             self._count(api, exc.code)

@@ -17,10 +17,18 @@ plus the standard process_* collector (CPU seconds, open fds, ...).
 from __future__ import annotations
 
 import resource
-from pathlib import Path
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               ProcessCollector, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from ..runtime.memory import Cgroup
 
 OUTCOMES = ("ok", "invalid_argument", "resource_exhausted", "deadline_exceeded", "cancelled",
             "unavailable", "internal")
@@ -40,34 +48,15 @@ def rss_bytes() -> int:
         return 0
 
 
-def cgroup_memory_files() -> tuple[Path | None, Path | None]:
-    """(peak file, limit file) of this process's memory cgroup, v2 or v1, where they exist."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        hid, controllers, path = line.split(":", 2)
-        if hid == "0" and controllers == "":
-            base = Path("/sys/fs/cgroup") / path.lstrip("/")
-            if (base / "memory.peak").is_file() or (base / "memory.max").is_file():
-                peak = base / "memory.peak"
-                return (peak if peak.is_file() else None), base / "memory.max"
-        if "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            if (base / "memory.max_usage_in_bytes").is_file():
-                return base / "memory.max_usage_in_bytes", base / "memory.limit_in_bytes"
-    return None, None
+def _number(value: int | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
-def _read_number(path: Path | None) -> float:
-    if path is None:
+def _limit(cgroup: Cgroup | None) -> float:
+    if cgroup is None:
         return float("nan")
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return float("nan")
-    return float("inf") if text == "max" else float(text)
+    limit = cgroup.limit()
+    return float("inf") if limit is None else float(limit)
 
 
 class Metrics:
@@ -94,11 +83,11 @@ class Metrics:
         Gauge("sdlite_peak_rss_bytes", "Peak resident memory of the process",
               registry=r).set_function(peak_rss_bytes)
         Gauge("sdlite_rss_bytes", "Resident memory of the process now", registry=r).set_function(rss_bytes)
-        peak_file, limit_file = cgroup_memory_files()
+        cgroup = Cgroup.of_self()
         Gauge("sdlite_cgroup_memory_peak_bytes", "Peak memory charged to the process's memory cgroup",
-              registry=r).set_function(lambda: _read_number(peak_file))
-        Gauge("sdlite_cgroup_memory_limit_bytes", "Memory limit of the process's memory cgroup",
-              registry=r).set_function(lambda: _read_number(limit_file))
+              registry=r).set_function(lambda: _number(cgroup.peak() if cgroup else None))
+        Gauge("sdlite_cgroup_memory_limit_bytes", "Memory limit of the process's memory cgroup (+Inf: none)",
+              registry=r).set_function(lambda: _limit(cgroup))
         for api in ("grpc", "grpc_stream", "a1111", "openai"):  # zeros from the start, for rate()
             for outcome in OUTCOMES:
                 self.requests.labels(api, outcome)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from ..model_configs import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
+from ..testing.architectures import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
 
 IMAGE_SIZE = 64
 

@@ -34,14 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import read_json, write_json
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
 from ..models.config import config_from_dict
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..random_model import MODEL_INDEX
+from ..samplers import schedule
 from ..tokenizer import ClipTokenizer
-from ..tokenizer_files import write_clip_tokenizer
-from ..weights.safetensors_mmap import save_safetensors
+from ..tokenizer.writer import write_clip_tokenizer
+from ..weights.model_folder import SD_MODEL_INDEX, ModelFolderWriter
 from . import configs, shapes
 
 
@@ -177,23 +178,23 @@ class Trainer:
         recipe_path = self.work / "recipe.json"
         current = asdict(recipe)
         if recipe_path.exists():
-            old = json.loads(recipe_path.read_text())
+            old = read_json(recipe_path)
             changed = sorted(k for k in current if old.get(k) != current[k] and k not in ("threads",))
             if changed:
                 raise SystemExit(f"{recipe_path}: the work folder was made with another recipe "
                                  f"(differs in {', '.join(changed)}); use a new --work folder")
         else:
-            recipe_path.write_text(json.dumps(current, indent=2) + "\n")
+            write_json(recipe_path, current)
         self.tuner = ThreadTuner(recipe.threads)
         self.finish_early = False   # unet stage: stop at the last checkpoint instead of going on
         self.times: dict[str, float] = {}
         times_path = self.work / "times.json"
         if times_path.exists():
-            self.times = json.loads(times_path.read_text())
+            self.times = read_json(times_path)
 
     def _record_time(self, stage: str, seconds: float) -> None:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
-        (self.work / "times.json").write_text(json.dumps(self.times, indent=2) + "\n")
+        write_json(self.work / "times.json", self.times)
 
     # --- 1. tokenizer -----------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ class Trainer:
         return ClipTokenizer.from_folder(folder)
 
     def text_config(self) -> dict:
-        vocab = len(json.loads((self.work / "tokenizer" / "vocab.json").read_text()))
+        vocab = len(read_json(self.work / "tokenizer" / "vocab.json"))
         cfg = copy.deepcopy(self.r.text_config)
         cfg.update(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
         return cfg
@@ -336,11 +337,8 @@ class Trainer:
         return text, unet
 
     def alphas_cumprod(self) -> torch.Tensor:
-        s = self.r.scheduler_config
-        assert s["beta_schedule"] == "scaled_linear"
-        betas = torch.linspace(s["beta_start"] ** 0.5, s["beta_end"] ** 0.5, s["num_train_timesteps"],
-                               dtype=torch.float64) ** 2
-        return torch.cumprod(1 - betas, 0).float()
+        """The training noise schedule: the same abar_t the samplers use for this scheduler config."""
+        return schedule.alphas_cumprod(schedule.resolve_config("DDIMScheduler", self.r.scheduler_config))
 
     def train_unet(self, pool: dict, tokenizer: ClipTokenizer):
         r = self.r
@@ -427,13 +425,6 @@ class Trainer:
         r = self.r
         out = Path(out)
         dtype = {"fp16": torch.float16, "fp32": torch.float32}[r.export_dtype]
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-        def write_json(path: Path, data: dict) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
         def tensors(sd: dict) -> dict:
             return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
@@ -442,27 +433,19 @@ class Trainer:
         vae_cfg["scaling_factor"] = round(self.vae_stats()["scaling_factor"], 6)
         text_cfg = self.text_config()
         text_cfg["torch_dtype"] = "float16" if dtype == torch.float16 else "float32"
-        shutil.copytree(self.work / "tokenizer", tmp / "tokenizer")
-        write_json(tmp / "text_encoder" / "config.json", text_cfg)
-        save_safetensors(tensors(text_sd), tmp / "text_encoder" / "model.safetensors",
-                         metadata={"format": "pt"})
-        write_json(tmp / "unet" / "config.json", r.unet_config)
-        save_safetensors(tensors(unet_sd), tmp / "unet" / "diffusion_pytorch_model.safetensors",
-                         metadata={"format": "pt"})
-        write_json(tmp / "vae" / "config.json", vae_cfg)
-        save_safetensors(tensors(vae.state_dict()), tmp / "vae" / "diffusion_pytorch_model.safetensors",
-                         metadata={"format": "pt"})
-        write_json(tmp / "scheduler" / "scheduler_config.json", r.scheduler_config)
-        write_json(tmp / "model_index.json", MODEL_INDEX)
         training = {"recipe": asdict(r), "times_s": self.times, "vae": self.vae_stats(),
                     "unet": torch.load(self.work / "unet_final.pt", weights_only=False)["stats"]}
-        write_json(tmp / "training.json", training)
-        card = out / "README.md"
-        if card.exists():  # keep a model card written (and filled with bench numbers) before
-            shutil.copy(card, tmp / "README.md")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with ModelFolderWriter(out, replace=True) as folder:
+            folder.copy(self.work / "tokenizer", "tokenizer")
+            folder.write_component("text_encoder", text_cfg, tensors(text_sd))
+            folder.write_component("unet", r.unet_config, tensors(unet_sd))
+            folder.write_component("vae", vae_cfg, tensors(vae.state_dict()))
+            folder.write_json("scheduler/scheduler_config.json", r.scheduler_config)
+            folder.write_json("model_index.json", SD_MODEL_INDEX)
+            folder.write_json("training.json", training)
+            card = out / "README.md"
+            if card.exists():  # keep a model card written (and filled with bench numbers) before
+                folder.copy(card, "README.md")
         from .card import write_card
         write_card(out)
         _log(f"export: {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 2**20:.2f} MiB)")

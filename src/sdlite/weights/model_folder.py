@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+
+import torch
 
 from ..errors import ModelFolderError
+from ..fileio import atomic_folder, read_json, write_json
+from .safetensors_mmap import save_safetensors
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CONFIG_FILE = {
@@ -16,21 +21,22 @@ CONFIG_FILE = {
     "scheduler": "scheduler_config.json",
     "tokenizer": "vocab.json",
 }
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a model folder file; ModelFolderError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path}: expected a JSON object")
-    return data
+# the file each network's weights are written to, as diffusers names them
+WEIGHT_FILES = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
+                "vae": "diffusion_pytorch_model.safetensors"}
+# model_index.json of a Stable Diffusion 1.x/2.x folder, as diffusers writes it (no safety checker)
+SD_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.30.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 @dataclass(frozen=True)
@@ -80,21 +86,63 @@ class ModelFolder:
                 return path
         return None
 
-    def has(self, name: str) -> bool:
-        return self.component(name).is_dir()
-
     @property
     def name(self) -> str:
         return self.root.resolve().name
-
-    def weight_files(self, name: str) -> list[Path]:
-        d = self.component(name)
-        if not d.is_dir():
-            return []
-        return sorted(p for p in d.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
     def bytes_on_disk(self, name: str) -> int:
         d = self.component(name)
         if not d.is_dir():
             return 0
         return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+class ModelFolderWriter:
+    """The one way sdlite writes a model folder (random models, `sdlite convert`, the training export).
+
+        with ModelFolderWriter(dst) as out:
+            out.write_component("unet", config, tensors)        # unet/config.json + its safetensors
+            out.write_json("model_index.json", SD_MODEL_INDEX)
+
+    Everything is written into a temporary sibling of `dst`, renamed to `dst` when the block completes
+    and removed when it raises, so a failed or interrupted write leaves nothing behind. `root` is the
+    folder being filled (for writers that add files themselves, e.g. the tokenizer). Raises
+    `FileExistsError` when `dst` exists (unless `replace`)."""
+
+    def __init__(self, dst: str | Path, *, replace: bool = False):
+        self.dst = Path(dst)
+        self._ctx = atomic_folder(self.dst, replace=replace)
+        self.root = Path()
+
+    def __enter__(self) -> "ModelFolderWriter":
+        self.root = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool | None:
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+    def write_json(self, relpath: str, data) -> None:
+        write_json(self.root / relpath, data)
+
+    def write_component(self, name: str, config: dict | None, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None, folder: str | None = None) -> Path:
+        """`<folder or name>/config.json` (unless `config` is None) and the network's weights as one
+        safetensors file named as diffusers names it (`WEIGHT_FILES`); `metadata` defaults to
+        `{"format": "pt"}`. Returns the weights file's path."""
+        sub = self.root / (folder or name)
+        if config is not None:
+            write_json(sub / "config.json", config)
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / WEIGHT_FILES.get(name, "diffusion_pytorch_model.safetensors")
+        save_safetensors(tensors, path, metadata=metadata or {"format": "pt"})
+        return path
+
+    def copy(self, src: str | Path, relpath: str) -> None:
+        """Copy a file or a whole folder into the model folder at `relpath`."""
+        src, dst = Path(src), self.root / relpath
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)

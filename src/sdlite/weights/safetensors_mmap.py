@@ -27,8 +27,8 @@ import os
 import struct
 import tempfile
 import warnings
-from dataclasses import dataclass
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 

@@ -7,14 +7,14 @@ and shapes strictly before touching the module, so a mismatched checkpoint leave
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from sdlite.errors import WeightsError
+from sdlite.errors import ModelFolderError, WeightsError
+from sdlite.fileio import read_json
 from sdlite.weights.safetensors_mmap import SafetensorsFile, open_safetensors
 
 __all__ = ["ComponentWeights", "LoadReport", "load_component_weights", "load_into", "format_names"]
@@ -273,11 +273,10 @@ def _candidates(variant: str | None) -> list[tuple[str, bool]]:
 
 def _load_index(folder: str, index_path: str) -> ComponentWeights:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{index_path}: unreadable shard index: {e}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        index = read_json(index_path, "the shard index")
+    except ModelFolderError as e:
+        raise WeightsError(f"unreadable shard index: {e}") from None
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightsError(f"{index_path}: shard index has no 'weight_map' object of key -> file name")
     files: dict[str, SafetensorsFile] = {}

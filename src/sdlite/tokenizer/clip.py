@@ -19,7 +19,6 @@ become their special ids, as in transformers.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from sdlite.errors import ModelFolderError
+from ..errors import ModelFolderError
+from ..fileio import read_json
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -268,27 +268,14 @@ def _check_text(text) -> str:
     return text
 
 
-def _read_json(path: Path, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelFolderError(f"{path}: {what} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{path}: cannot read {what}: {e}") from None
-
-
 def _read_optional_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    data = _read_json(path, path.name)
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, path.name)
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
-    vocab = _read_json(path, "the tokenizer vocabulary (vocab.json)")
+    vocab = read_json(path, "the tokenizer vocabulary (vocab.json)", want_object=False)
     if not isinstance(vocab, dict) or not vocab:
         raise ModelFolderError(f"{path}: expected a non-empty JSON object of token -> id")
     ids = set()

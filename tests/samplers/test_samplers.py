@@ -1,4 +1,4 @@
-"""Samplers against diffusers' schedulers, driven the way StableDiffusionPipeline drives them."""
+"""Samplers against diffusers' schedulers, driven the way StableDiffusionPipeline drives them; the registry."""
 
 import inspect
 
@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from sdlite.errors import InvalidRequest, ModelFolderError
-from sdlite.model_configs import SD15_SCHEDULER
-from sdlite.samplers import SAMPLERS, sample, timesteps_for
+from sdlite.samplers import (
+    SAMPLER_SPECS,
+    SAMPLERS,
+    check_steps,
+    resolve_sampler,
+    sample,
+    sampler_label,
+    timesteps_for,
+)
+from sdlite.testing.architectures import SD15_SCHEDULER
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,20 +25,20 @@ SD15 = dict(SD15_SCHEDULER, _diffusers_version="0.6.0")  # an SD 1.5 folder's sc
 SHAPE = (1, 4, 16, 16)
 
 
+# The oracle, written out independently of the registry: sampler -> (diffusers class, from_config keywords)
+REFERENCE = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
 def reference_scheduler(name: str, config: dict):
-    kw = {}
-    if name == "ddim":
-        cls = diffusers.DDIMScheduler
-    elif name.startswith("dpm++2m"):
-        cls = diffusers.DPMSolverMultistepScheduler
-        kw = {"use_karras_sigmas": name == "dpm++2m_karras"}
-    elif name == "euler":
-        cls = diffusers.EulerDiscreteScheduler
-    elif name == "euler_a":
-        cls = diffusers.EulerAncestralDiscreteScheduler
-    else:
-        cls = diffusers.LCMScheduler
-    return cls.from_config(config, **kw)
+    cls, kw = REFERENCE[name]
+    return getattr(diffusers, cls).from_config(config, **kw)
 
 
 def fake_unet(seen: list):
@@ -178,8 +186,13 @@ def test_bad_steps(steps):
     assert e.value.field == "steps"
 
 
-@pytest.mark.parametrize("name, spacing, steps", [("dpm++2m", "leading", 1000), ("dpm++2m", "leading", 999),
-                                                   ("dpm++2m", "linspace", 1000), ("ddim", "leading", 1000)])
+UNPLACEABLE = [("dpm++2m", "leading", 1000), ("dpm++2m", "leading", 999), ("dpm++2m", "linspace", 1000),
+               ("ddim", "leading", 1000)]
+LARGEST_THAT_FIT = [("dpm++2m", "leading", 998), ("dpm++2m_karras", "leading", 1000), ("ddim", "leading", 999),
+                    ("ddim", "trailing", 1000), ("euler", "leading", 1000)]
+
+
+@pytest.mark.parametrize("name, spacing, steps", UNPLACEABLE)
 def test_step_counts_the_spacing_cannot_place_are_refused(name, spacing, steps):
     """Where diffusers would divide by zero (repeated DPM-Solver sigmas: a NaN image) or index past
     its table (DDIM at timestep 1000), the step count is refused up front, naming the field."""
@@ -188,9 +201,7 @@ def test_step_counts_the_spacing_cannot_place_are_refused(name, spacing, steps):
     assert e.value.field == "steps"
 
 
-@pytest.mark.parametrize("name, spacing, steps", [("dpm++2m", "leading", 998), ("dpm++2m_karras", "leading", 1000),
-                                                   ("ddim", "leading", 999), ("ddim", "trailing", 1000),
-                                                   ("euler", "leading", 1000)])
+@pytest.mark.parametrize("name, spacing, steps", LARGEST_THAT_FIT)
 def test_the_largest_step_counts_that_fit_still_run(name, spacing, steps):
     t = timesteps_for(name, steps, dict(SD15, timestep_spacing=spacing))
     assert torch.isfinite(t).all() and len(t) >= steps
@@ -242,3 +253,120 @@ def test_callback_sees_every_step_and_can_cancel(name):
     with pytest.raises(Stop):
         sample(name, fake_unet(seen), torch.randn(SHAPE), 5, SD15, callback=cancel)
     assert len(seen) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry
+
+LABELS = {"ddim": "DDIM", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "euler": "Euler",
+          "euler_a": "Euler a", "lcm": "LCM"}
+# A1111's aliases, and those the HTTP front end accepted before the registry (serve/http_server.py)
+ALIASES = {"k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_euler": "euler", "k_dpmpp_2m": "dpm++2m",
+           "k_dpmpp_2m_ka": "dpm++2m_karras", "k_lcm": "lcm", "dpm++ 2m karras": "dpm++2m_karras",
+           "euler_a": "euler_a", "euler a": "euler_a", "dpm++ 2m": "dpm++2m", "ddim": "ddim"}
+UNKNOWN = "choose one of ddim, dpm++2m, dpm++2m_karras, euler, euler_a, lcm"
+
+
+def test_registry_names_labels_and_classes():
+    assert SAMPLERS == ("ddim", "dpm++2m", "dpm++2m_karras", "euler", "euler_a", "lcm")
+    assert tuple(SAMPLER_SPECS) == SAMPLERS == tuple(REFERENCE)
+    for name, spec in SAMPLER_SPECS.items():
+        assert spec.name == name and spec.label == LABELS[name] == sampler_label(name)
+        assert spec.diffusers_class == REFERENCE[name][0]
+
+
+def test_karras_variant():
+    variants = {name: spec.karras_variant for name, spec in SAMPLER_SPECS.items()}
+    assert variants == {"ddim": None, "dpm++2m": "dpm++2m_karras", "dpm++2m_karras": "dpm++2m_karras",
+                        "euler": None, "euler_a": None, "lcm": None}
+    assert SAMPLER_SPECS["dpm++2m_karras"].forced_config["use_karras_sigmas"] is True
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_resolve_sampler_accepts_names_labels_and_aliases_in_any_case(name):
+    spec = SAMPLER_SPECS[name]
+    for text in (name, spec.label, *spec.aliases):
+        for variant in (text, text.lower(), text.upper(), text.swapcase(), f"  {text}\t\n"):
+            assert resolve_sampler(variant) == name
+
+
+@pytest.mark.parametrize("text, name", sorted(ALIASES.items()))
+def test_a1111_and_legacy_http_aliases_resolve(text, name):
+    assert resolve_sampler(text) == name
+    assert resolve_sampler(text.upper()) == name
+
+
+@pytest.mark.parametrize("text", ["heun", "", "   ", "k_ddim", "euler  a", "dpm++2m karras", "Euler_a_", None, 3,
+                                  ["euler"]])
+def test_resolve_sampler_rejects_unknown_text(text):
+    with pytest.raises(InvalidRequest) as e:
+        resolve_sampler(text)
+    assert e.value.field == "sampler"
+    assert str(e.value) == f"sampler: unknown sampler {text!r}; {UNKNOWN}"
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_label_round_trips(name):
+    label = sampler_label(name)
+    assert resolve_sampler(label) == name and resolve_sampler(label.lower()) == name
+    assert sampler_label(resolve_sampler(label)) == label
+
+
+def test_sampler_label_takes_names_only():
+    for text in ("heun", "Euler a", "k_euler"):
+        with pytest.raises(InvalidRequest) as e:
+            sampler_label(text)
+        assert e.value.field == "sampler" and UNKNOWN in str(e.value)
+
+
+def test_check_steps_refuses_ddim_at_1000_leading_steps():
+    """SD 1.5's config: DDIM's "leading" spacing with steps_offset 1 would reach timestep 1000."""
+    with pytest.raises(InvalidRequest) as e:
+        check_steps("ddim", 1000, SD15)
+    assert e.value.field == "steps"
+    assert str(e.value) == ("steps: 1000 steps do not fit this scheduler's 'leading' timestep spacing (steps_offset 1, "
+                            "1000 training timesteps): timesteps would repeat or pass the last one; use fewer steps")
+
+
+@pytest.mark.parametrize("name, spacing, steps", UNPLACEABLE)
+def test_check_steps_refuses_what_sample_refuses(name, spacing, steps):
+    config = dict(SD15, timestep_spacing=spacing)
+    with pytest.raises(InvalidRequest, match="do not fit") as checked:
+        check_steps(name, steps, config)
+    seen = []
+    with pytest.raises(InvalidRequest) as sampled:
+        sample(name, fake_unet(seen), torch.zeros(SHAPE), steps, config)
+    assert checked.value.field == sampled.value.field == "steps" and str(checked.value) == str(sampled.value)
+    assert seen == []  # refused before the network ran
+
+
+@pytest.mark.parametrize("name, spacing, steps", LARGEST_THAT_FIT)
+def test_check_steps_accepts_the_largest_counts_that_fit(name, spacing, steps):
+    assert check_steps(name, steps, dict(SD15, timestep_spacing=spacing)) is None
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20, 50])
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_check_steps_accepts_ordinary_counts(name, steps):
+    assert check_steps(name, steps, SD15) is None
+
+
+@pytest.mark.parametrize("name, steps, message", [
+    ("euler", 1001, "1001 steps is more than the model's num_train_timesteps (1000)"),
+    ("ddim", 1001, "1001 steps is more than the model's num_train_timesteps (1000)"),
+    ("lcm", 51, "51 steps is more than the LCM's original_inference_steps (50)"),
+    ("euler", 0, "steps must be a positive integer, got 0"),
+    ("euler", 2.5, "steps must be a positive integer, got 2.5"),
+    ("euler", True, "steps must be a positive integer, got True"),
+])
+def test_check_steps_limits(name, steps, message):
+    with pytest.raises(InvalidRequest) as e:
+        check_steps(name, steps, SD15)
+    assert e.value.field == "steps" and str(e.value) == f"steps: {message}"
+
+
+@pytest.mark.parametrize("name", ["heun", "DDIM", "k_euler"])
+def test_check_steps_takes_names_only(name):
+    with pytest.raises(InvalidRequest) as e:
+        check_steps(name, 4, SD15)
+    assert e.value.field == "sampler" and str(e.value) == f"sampler: unknown sampler {name!r}; {UNKNOWN}"

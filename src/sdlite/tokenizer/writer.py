@@ -21,7 +21,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from sdlite.tokenizer import (
+from ..fileio import write_json
+from .clip import (
     BOS_TOKEN,
     END_OF_WORD,
     EOS_TOKEN,
@@ -231,7 +232,7 @@ def write_clip_tokenizer(
 
     bos, eos = _added_token(BOS_TOKEN), _added_token(EOS_TOKEN)
     special_tokens_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad_token, "unk_token": eos}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "special_tokens_map.json", special_tokens_map)
 
     def typed(tok: dict) -> dict:
         return {"__type": "AddedToken", **tok}
@@ -258,5 +259,5 @@ def write_clip_tokenizer(
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": typed(eos),
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "tokenizer_config.json", tokenizer_config)
     return len(vocab)

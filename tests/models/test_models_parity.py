@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from sdlite.model_configs import TINY_BK_UNET, TINY_TEXT, TINY_UNET, TINY_VAE
 from sdlite.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdlite.models.config import config_from_dict
 from sdlite.models.unet import UNet2DConditionModel, UNetConfig
 from sdlite.models.vae import AutoencoderKL, VAEConfig
+from sdlite.testing.architectures import TINY_BK_UNET, TINY_TEXT, TINY_UNET, TINY_VAE
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

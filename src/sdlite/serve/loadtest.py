@@ -128,8 +128,8 @@ class GrpcClient:
     def __init__(self, target: Target, payload: dict, timeout: float):
         import grpc
 
-        from .serve import sdlite_pb2 as pb
-        from .serve import sdlite_pb2_grpc as pb_grpc
+        from . import sdlite_pb2 as pb
+        from . import sdlite_pb2_grpc as pb_grpc
 
         self.grpc = grpc
         self.channel = grpc.insecure_channel(f"{target.host}:{target.port}",

@@ -1,0 +1,105 @@
+"""Where a model's networks live while it generates: the runtime side of the memory plan.
+
+The pipeline only says which stage comes next (`acquire("unet")`) and that a stage is over
+(`release("unet", plan)`); this module decides, from the plan, what that means:
+
+- `residency="all"`: every network is loaded once at `prepare` (weights mapped, not copied), the garbage
+  collector's view of them frozen (`gc.freeze`), and kept; between stages the heap is trimmed.
+- `residency="staged"`: a network is loaded when its stage starts and dropped when it ends: the module
+  freed, its weight files unmapped and their clean pages dropped from the page cache, the heap trimmed;
+  only one stage's weights and activations are ever in memory.
+- with a memory budget, glibc's allocator is told to return large blocks to the kernel at once
+  (`memory.configure_allocator`).
+
+A loaded network gets the plan's levers (attention kernel, layer chunking, weights mode) before first use.
+This is the only place, with `runtime.memory`, that calls gc, malloc_trim or the page-cache functions.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from ..weights.model_folder import ModelFolder
+from . import memory
+from .attention import set_attention
+from .components import LOADERS, LoadedComponent
+from .lazy_weights import set_layer_chunking
+from .planner import STAGES, Plan
+from .profiler import Profiler
+
+
+class Residency:
+    """The loaded networks of one model folder, held per the plan it was loaded with."""
+
+    def __init__(self, folder: ModelFolder, plan: Plan, dtype: torch.dtype = torch.float32):
+        self.folder, self.plan, self.dtype = folder, plan, dtype
+        self._loaded: dict[str, LoadedComponent] = {}
+
+    def prepare(self, profiler: Profiler | None = None) -> None:
+        """At load time: configure the allocator under a budget; with every network resident, load them
+        all now (profiled as the "load" stage) and freeze the GC's view of them. Raises WeightsError /
+        ModelFolderError for a bad network, with nothing left loaded."""
+        if self.plan.budget is not None:
+            memory.configure_allocator()
+        if self.plan.residency != "all":
+            return
+        handle = profiler.begin("load") if profiler else None
+        try:
+            for stage in STAGES:
+                self.acquire(stage)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if handle:
+                profiler.end(handle)
+        gc.collect()
+        gc.freeze()
+
+    def loaded(self) -> list[str]:
+        """The stages whose networks are in memory now."""
+        return list(self._loaded)
+
+    def acquire(self, stage: str) -> LoadedComponent:
+        """The network of `stage` ("text_encoder", "unet" or "vae"), loading it with the plan's levers
+        if it is not in memory."""
+        part = self._loaded.get(stage)
+        if part is None:
+            part = LOADERS[stage](self.folder, self.dtype, weights_mode=self.plan.weights_mode)
+            set_attention(part.module, self.plan.attention)
+            set_layer_chunking(part.module, self.plan.layer_chunk)
+            self._loaded[stage] = part
+        return part
+
+    def release(self, stage: str, plan: Plan | None = None) -> None:
+        """`stage` is over. Staged residency: drop its network, unmap its files and evict their pages.
+        Otherwise the network stays, and the heap is trimmed when `plan` (the request's plan) asks for it."""
+        if self.plan.residency == "staged":
+            self._drop(stage)
+        elif plan is not None and plan.trim:
+            memory.trim()
+
+    def release_all(self) -> None:
+        """After a failed or cancelled generation: release every stage (no-op when all are resident)."""
+        if self.plan.residency == "staged":
+            for stage in STAGES:
+                self._drop(stage)
+
+    def _drop(self, stage: str) -> None:
+        part = self._loaded.pop(stage, None)
+        if part is None:
+            return
+        files = [f.path for f in getattr(part.weights, "files", [])]
+        part.close()
+        del part
+        memory.trim()
+        for f in files:
+            memory.drop_file_cache(f)
+
+    def close(self) -> None:
+        """Drop every network and unmap its weights."""
+        for part in self._loaded.values():
+            part.close()
+        self._loaded.clear()
