@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from sdlite.pipeline import Pipeline
+from sdlite.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
 
+# the reference: which diffusers scheduler each sampler must match (independent of the registry's own)
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpm++2m": "DPMSolverMultistepScheduler",
@@ -33,7 +35,11 @@ def ours(tiny_model):
     return Pipeline.load(tiny_model)
 
 
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_every_registered_sampler_has_a_reference():
+    assert set(SCHEDULERS) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_image_matches_diffusers(tiny_model, ours, sampler):
     prompt, neg = "a small red circle at the top left", "blurry"
     kw = dict(steps=5, cfg_scale=7.5, seed=1234, width=64, height=48)

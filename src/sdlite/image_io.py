@@ -31,8 +31,3 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
             pass
         raise
     return path
-
-
-def read_parameters(path: str | Path) -> str | None:
-    with Image.open(path) as im:
-        return im.info.get("parameters")

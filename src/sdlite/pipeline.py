@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ from PIL import Image
 from . import samplers
 from .errors import Cancelled, InvalidRequest
 from .fileio import read_json
-from .request import Caps, GenerationRequest, format_parameters
+from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
     LoadedComponent,
     check_vae_matches,
@@ -42,6 +41,7 @@ from .runtime.compute_thread import run_on_compute_thread
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.planner import Plan, SizePlans, make_plan
 from .runtime.profiler import Profiler
+from .runtime.progress import CancelFn, ProgressFn, StepReporter, cancel_check
 from .runtime.residency import Residency
 from .runtime.tiled_vae import decode_tiled
 from .tokenizer import ClipTokenizer
@@ -51,44 +51,8 @@ from .weights.model_folder import ModelFolder
 __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "format_parameters",
            "request_caps"]
 
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 # the guided network as the samplers call it: (latents (1, C, h, w) float32, timestep 0-d float32) -> same
 GuidedModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class StageTiming:
-    """Wall time of one stage of a generation ("encode", "load_unet", "step 3", "decode", ...)."""
-    name: str
-    seconds: float
-
-
-@dataclass
-class GenerationResult:
-    """What `Pipeline.generate` / `run` return.
-
-    image        the RGB image, width x height pixels (PIL, mode "RGB", 8 bits per channel)
-    request      the validated request (its seed filled in when it was random)
-    parameters   the A1111-style parameters text written into the PNG
-    timings      wall time per stage, in order
-    latents      the final latents, (1, 4, height/8, width/8) float32, before VAE scaling
-    plan         the memory plan the generation ran under
-    profile      the profiler's summary (peak RSS anon/file and cgroup usage, bytes) or None
-    """
-    image: Image.Image
-    request: GenerationRequest
-    parameters: str
-    timings: list[StageTiming] = field(default_factory=list)
-    latents: torch.Tensor | None = None
-    plan: Plan | None = None
-    profile: dict | None = None
-
-    def save(self, path: str | Path) -> Path:
-        """Write the image as PNG with its `parameters` chunk, atomically (nothing is left on failure).
-        Raises OSError when the file cannot be written."""
-        from .image_io import save_png
-        return save_png(self.image, path, self.parameters)
 
 
 class Pipeline:
@@ -297,7 +261,7 @@ class Pipeline:
         """Generate the image `request` describes (see `generate` for the arguments and errors). The
         request is validated against the library's caps and the model's schedule unless it already was."""
         request.validate(self.caps, self.scheduler_config)
-        cancelled = _cancel_check(cancel)
+        cancelled = cancel_check(cancel)
         interrupted = threading.Event()  # the caller stopped waiting (e.g. Ctrl-C): stop at the next step
 
         def is_cancelled() -> bool:
@@ -334,7 +298,7 @@ class Pipeline:
             # 3. the sampler loop over the UNet
             with prof.stage("unet_ready" if "unet" in stages.loaded() else "load_unet"):
                 stages.acquire("unet")
-            with _StepReporter(prof, progress, is_cancelled) as on_step:
+            with StepReporter(prof, progress, is_cancelled) as on_step:
                 final = self.denoise(noise, cond, uncond, request, generator, on_step, plan)
             stages.release("unet", plan)
             # 4. the latents -> pixels
@@ -362,37 +326,3 @@ def request_caps(folder: ModelFolder) -> Caps:
     """The library's limits on a request for this model: its own caps, and clip_skip below the text
     encoder's depth (from the config; nothing is loaded)."""
     return Caps(max_clip_skip=text_config(folder).num_hidden_layers - 1)
-
-
-class _StepReporter:
-    """Profiles each sampler step as "step i", reports progress and checks for cancellation after it."""
-
-    def __init__(self, prof: Profiler, progress: ProgressFn | None, is_cancelled: CancelFn):
-        self.prof, self.progress, self.is_cancelled = prof, progress, is_cancelled
-        self.handle = None
-
-    def __enter__(self) -> Callable[[int, int, torch.Tensor], None]:
-        self.handle = self.prof.begin("step 1", "step")
-        return self.on_step
-
-    def on_step(self, i: int, total: int, x: torch.Tensor) -> None:
-        self.prof.end(self.handle)
-        self.handle = None
-        if self.progress is not None:
-            self.progress(i + 1, total)
-        if self.is_cancelled():
-            raise Cancelled(f"cancelled after step {i + 1} of {total}")
-        self.handle = self.prof.begin(f"step {i + 2}", "step") if i + 1 < total else None
-
-    def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.prof.end(self.handle)
-            self.handle = None
-
-
-def _cancel_check(cancel: threading.Event | CancelFn | None) -> CancelFn:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    return cancel

@@ -1,4 +1,4 @@
-"""The request contract: what one generation asks for, checked in one place.
+"""The request contract: what one generation asks for, checked in one place, and what it gets back.
 
 Every front end (the Python API, `sdlite generate`, gRPC, HTTP A1111 and OpenAI) builds a
 `GenerationRequest` from its own wire format and calls `validate(caps)` with its own `Caps` (a service
@@ -14,10 +14,18 @@ from __future__ import annotations
 import math
 import numbers
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import samplers
 from .errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .runtime.planner import Plan
 
 MAX_SIDE = 2048         # pixels: the library's cap on width and height
 MAX_STEPS = 1000        # the library's cap on sampler steps (a schedule may allow fewer)
@@ -139,6 +147,40 @@ class GenerationRequest:
             self.seed = random.randrange(2**32)
         self.seed = check_int("seed", self.seed, 0, SEED_LIMIT - 1)
         self.clip_skip = check_int("clip_skip", self.clip_skip, 0, caps.max_clip_skip)
+
+
+@dataclass
+class StageTiming:
+    """Wall time of one stage of a generation ("encode", "load_unet", "step 3", "decode", ...)."""
+    name: str
+    seconds: float
+
+
+@dataclass
+class GenerationResult:
+    """What `Pipeline.generate` / `run` return.
+
+    image        the RGB image, width x height pixels (PIL, mode "RGB", 8 bits per channel)
+    request      the validated request (its seed filled in when it was random)
+    parameters   the A1111-style parameters text written into the PNG
+    timings      wall time per stage, in order
+    latents      the final latents, (1, 4, height/8, width/8) float32, before VAE scaling
+    plan         the memory plan the generation ran under
+    profile      the profiler's summary (peak RSS anon/file and cgroup usage, bytes) or None
+    """
+    image: Image.Image
+    request: GenerationRequest
+    parameters: str
+    timings: list[StageTiming] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+    plan: Plan | None = None
+    profile: dict | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image as PNG with its `parameters` chunk, atomically (nothing is left on failure).
+        Raises OSError when the file cannot be written."""
+        from .image_io import save_png
+        return save_png(self.image, path, self.parameters)
 
 
 def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None) -> str:

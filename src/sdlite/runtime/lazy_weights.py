@@ -163,9 +163,3 @@ def quantizable_weights(module: nn.Module) -> set[str]:
     """Parameter names of the weights that int8/fp16 storage applies to: Linear, Conv2d, Embedding."""
     return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
             if type(sub) in _SWAPS or type(sub) in _SWAPS.values()}
-
-
-def quantized_keys(keys, dtype_of) -> set[str]:
-    """Names of module weights stored as int8 with a scale, from a checkpoint's keys."""
-    keys = set(keys)
-    return {k for k in keys if dtype_of(k) in QUANTIZED_DTYPES and k + SCALE_SUFFIX in keys}

@@ -173,10 +173,3 @@ class Profiler:
         tmp.write_text(json.dumps(self.trace()))
         os.replace(tmp, path)
         return path
-
-
-class NullProfiler(Profiler):
-    """Keeps stage timings only (no sampling thread)."""
-
-    def __init__(self):
-        super().__init__(sample=False)

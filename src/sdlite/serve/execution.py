@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import Cancelled, InvalidRequest, SdliteError
+from ..errors import Cancelled, InvalidRequest, PlanError, SdliteError
 from ..pipeline import GenerationRequest, GenerationResult, StageTiming
 from ..request import LIBRARY_CAPS
 from ..runtime.memory import malloc_trim
@@ -214,7 +214,7 @@ class Executor:
             return
         try:
             plan_for(request.width, request.height)
-        except SdliteError as exc:  # PlanError
+        except PlanError as exc:
             raise ServeError(INVALID_ARGUMENT, f"width: {exc}", field="width") from None
 
     def submit(self, request: GenerationRequest, n: int = 1, *, timeout: float | None = None,
@@ -335,24 +335,30 @@ class Executor:
             for image in images:
                 image.result.timings.insert(0, StageTiming("queue", queue_s))
             self._finish(job, images=images)
-        except Cancelled:
-            code = job.stop_code or CANCELLED
-            message = {DEADLINE_EXCEEDED: "deadline exceeded", UNAVAILABLE: "server is shutting down"}
-            self._finish(job, error=ServeError(code, message.get(code, "cancelled")))
-        except InvalidRequest as exc:
-            self._finish(job, error=ServeError(INVALID_ARGUMENT, str(exc), field=exc.field))
-        except SdliteError as exc:  # e.g. the planner: this size does not fit the memory budget
-            field = "width" if type(exc).__name__ == "PlanError" else None
-            self._finish(job, error=ServeError(INVALID_ARGUMENT if field else INTERNAL,
-                                               f"{field}: {exc}" if field else str(exc), field=field))
-        except MemoryError:
-            log.error("out of memory in a generation")
-            self._finish(job, error=ServeError(INTERNAL, "out of memory"))
         except Exception as exc:
-            log.exception("generation failed")
-            self._finish(job, error=ServeError(INTERNAL, f"generation failed: {type(exc).__name__}"))
+            self._finish(job, error=_serve_error(job, exc))
         finally:
             images = []  # noqa: F841  (drop references before trimming the heap)
+
+
+def _serve_error(job: Job, exc: Exception) -> ServeError:
+    """What a failed generation answers: cancelled / deadline / draining, a bad field (INVALID_ARGUMENT:
+    a request the model's schedule or the memory plan cannot take), or INTERNAL."""
+    if isinstance(exc, Cancelled):
+        code = job.stop_code or CANCELLED
+        message = {DEADLINE_EXCEEDED: "deadline exceeded", UNAVAILABLE: "server is shutting down"}
+        return ServeError(code, message.get(code, "cancelled"))
+    if isinstance(exc, InvalidRequest):
+        return ServeError(INVALID_ARGUMENT, str(exc), field=exc.field)
+    if isinstance(exc, PlanError):  # this size does not fit the memory budget
+        return ServeError(INVALID_ARGUMENT, f"width: {exc}", field="width")
+    if isinstance(exc, SdliteError):
+        return ServeError(INTERNAL, str(exc))
+    if isinstance(exc, MemoryError):
+        log.error("out of memory in a generation")
+        return ServeError(INTERNAL, "out of memory")
+    log.exception("generation failed", exc_info=exc)
+    return ServeError(INTERNAL, f"generation failed: {type(exc).__name__}")
 
 
 def summarize_timings(timings: list[StageTiming]) -> list[StageTiming]:

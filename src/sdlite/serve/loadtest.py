@@ -197,9 +197,7 @@ class HttpClient:
             self.conn = None
 
 
-def run_loadtest(target: Target, *, clients: int = 1, requests: int | None = None,
-                 duration: float | None = None, payload: dict | None = None, timeout: float = 300.0,
-                 retry_wait: float = 0.1) -> Report:
+def _check_bounds(clients: int, requests: int | None, duration: float | None) -> int | None:
     if clients < 1:
         raise LoadtestError("clients must be at least 1")
     if requests is None and duration is None:
@@ -208,6 +206,16 @@ def run_loadtest(target: Target, *, clients: int = 1, requests: int | None = Non
         raise LoadtestError(f"requests must be in [1, {MAX_REQUESTS}]")
     if duration is not None and not 0 < duration <= MAX_DURATION:
         raise LoadtestError(f"duration must be in (0, {MAX_DURATION:g}] seconds")
+    return requests
+
+
+def run_loadtest(target: Target, *, clients: int = 1, requests: int | None = None,
+                 duration: float | None = None, payload: dict | None = None, timeout: float = 300.0,
+                 retry_wait: float = 0.1) -> Report:
+    """`clients` closed-loop clients send `payload` to `target` until `requests` calls were made (default
+    20) or `duration` seconds passed; a client pauses `retry_wait` s after a shed answer. Raises
+    LoadtestError for out-of-range arguments."""
+    requests = _check_bounds(clients, requests, duration)
     payload = dict(payload or {})
     payload.setdefault("prompt", "a lighthouse at dusk")
     lock = threading.Lock()

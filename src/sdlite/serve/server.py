@@ -69,12 +69,10 @@ def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
 
 
 def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
-    from ..pipeline import GenerationRequest, Pipeline
+    from ..pipeline import Pipeline
     from .breaker import CircuitBreaker
     from .execution import Executor, plan_concurrency
     from .fields import Defaults
-    from .grpc_server import GrpcFrontEnd
-    from .http_server import HttpFrontEnd
     from .metrics import Metrics
 
     if config.oom_score_adj is not None:
@@ -86,13 +84,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     pipe = Pipeline.load(config.model, threads=config.threads, vae=config.vae, **budget)
     try:
         defaults = Defaults.for_pipeline(pipe)
-        if warmup and not stop.is_set():
-            f = pipe.vae_scale_factor
-            try:
-                pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0,
-                                           sampler=defaults.sampler), cancel=stop)
-            except Cancelled:
-                pass
+        if warmup:
+            _warm_up(pipe, defaults.sampler, stop)
         load_s = time.perf_counter() - t0
         if stop.is_set():
             print("sdlite serve: stopped before start", file=out, flush=True)
@@ -104,51 +97,82 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
                             metrics=metrics, default_deadline=config.default_deadline,
                             max_deadline=config.max_deadline).start()
         executor_box.append(executor)
-        front_ends = []
-        ports = {"pid": os.getpid()}
-        try:
-            if config.grpc_port is not None:
-                g = GrpcFrontEnd(executor, config.limits, defaults, metrics, config.host, config.grpc_port)
-                front_ends.append(("grpc", g))
-                ports["grpc"] = g.port
-            if config.http_port is not None:
-                h = HttpFrontEnd(executor, config.limits, defaults, metrics, pipe.folder.name,
-                                 config.host, config.http_port,
-                                 max_connections=2 * (slots + config.queue_size) + 64)
-                front_ends.append(("http", h))
-                ports["http"] = h.port
-        except (OSError, RuntimeError) as exc:
-            for _, fe in front_ends:
-                fe.close()
-            reason = getattr(exc, "strerror", None) or exc
-            raise ServeSetupError(f"cannot listen on {config.host}: {reason}") from None
+        front_ends, ports = _open_front_ends(config, executor, defaults, metrics, pipe.folder.name, slots)
         for _, fe in front_ends:
             fe.start()
-        print(f"sdlite serve: model {pipe.folder.name} loaded in {load_s:.1f}s; {slots} slot(s), "
-              f"queue {config.queue_size}, native size {defaults.width}x{defaults.height}", file=out)
-        plan = getattr(pipe, "plan", None)
-        if plan is not None and getattr(plan, "budget", None):
-            print(f"sdlite serve: memory plan for {plan.budget / 2**30:.2f} GiB: {plan.describe()}", file=out)
-        for name, fe in front_ends:
-            print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
-        out.flush()
+        _announce(out, config, pipe, load_s, slots, defaults, front_ends)
         if config.port_file is not None:
             write_port_file(Path(config.port_file), ports)
 
         while not stop.wait(0.5):
             pass
 
-        print(f"sdlite serve: draining (grace {config.grace:g}s)", file=out, flush=True)
-        for name, fe in front_ends:
-            if name == "grpc":
-                fe.not_serving()
-        clean = executor.drain(config.grace)
-        for _, fe in front_ends:
-            fe.stop()
-        running, waiting = executor.load()
-        print(f"sdlite serve: stopped ({'all work finished' if clean else 'in-flight work cancelled'}"
-              f"{'' if not running else f', {running} job(s) still stopping'})", file=out, flush=True)
+        _drain(out, config, executor, front_ends)
         return 0
     finally:
         if not executor_box or executor_box[0].load()[0] == 0:
             pipe.close()  # (a job that would not stop keeps the weights; the process is exiting anyway)
+
+
+def _warm_up(pipe, sampler: str, stop: threading.Event) -> None:
+    """One 1-step generation at the smallest size, so the first client does not pay for first-call setup."""
+    from ..pipeline import GenerationRequest
+    if stop.is_set():
+        return
+    f = pipe.vae_scale_factor
+    try:
+        pipe.run(GenerationRequest("warm-up", steps=1, width=8 * f, height=8 * f, seed=0, sampler=sampler),
+                 cancel=stop)
+    except Cancelled:
+        pass
+
+
+def _open_front_ends(config: ServeConfig, executor, defaults, metrics, model_name: str, slots: int):
+    """([(name, front end)], ports) with every configured front end bound but not started;
+    ServeSetupError when a port cannot be bound."""
+    from .grpc_server import GrpcFrontEnd
+    from .http_server import HttpFrontEnd
+    front_ends = []
+    ports = {"pid": os.getpid()}
+    try:
+        if config.grpc_port is not None:
+            g = GrpcFrontEnd(executor, config.limits, defaults, metrics, config.host, config.grpc_port)
+            front_ends.append(("grpc", g))
+            ports["grpc"] = g.port
+        if config.http_port is not None:
+            h = HttpFrontEnd(executor, config.limits, defaults, metrics, model_name,
+                             config.host, config.http_port,
+                             max_connections=2 * (slots + config.queue_size) + 64)
+            front_ends.append(("http", h))
+            ports["http"] = h.port
+    except (OSError, RuntimeError) as exc:
+        for _, fe in front_ends:
+            fe.close()
+        reason = getattr(exc, "strerror", None) or exc
+        raise ServeSetupError(f"cannot listen on {config.host}: {reason}") from None
+    return front_ends, ports
+
+
+def _announce(out, config: ServeConfig, pipe, load_s: float, slots: int, defaults, front_ends) -> None:
+    print(f"sdlite serve: model {pipe.folder.name} loaded in {load_s:.1f}s; {slots} slot(s), "
+          f"queue {config.queue_size}, native size {defaults.width}x{defaults.height}", file=out)
+    plan = getattr(pipe, "plan", None)
+    if plan is not None and getattr(plan, "budget", None):
+        print(f"sdlite serve: memory plan for {plan.budget / 2**30:.2f} GiB: {plan.describe()}", file=out)
+    for name, fe in front_ends:
+        print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
+    out.flush()
+
+
+def _drain(out, config: ServeConfig, executor, front_ends) -> None:
+    """Stop taking work (gRPC health NOT_SERVING), let admitted work finish within the grace period, stop."""
+    print(f"sdlite serve: draining (grace {config.grace:g}s)", file=out, flush=True)
+    for name, fe in front_ends:
+        if name == "grpc":
+            fe.not_serving()
+    clean = executor.drain(config.grace)
+    for _, fe in front_ends:
+        fe.stop()
+    running, waiting = executor.load()
+    print(f"sdlite serve: stopped ({'all work finished' if clean else 'in-flight work cancelled'}"
+          f"{'' if not running else f', {running} job(s) still stopping'})", file=out, flush=True)

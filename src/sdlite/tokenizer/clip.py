@@ -167,39 +167,15 @@ class ClipTokenizer:
         special_map = _read_optional_json(folder / "special_tokens_map.json")
 
         try:
-            # transformers 5: when tokenizer_config.json has added_tokens_decoder, special_tokens_map.json is
-            # ignored and a named token whose text is in added_tokens_decoder takes that entry's flags;
-            # otherwise special_tokens_map.json's values override tokenizer_config.json's.
-            decoder = config.get("added_tokens_decoder")
-            if decoder is not None and not isinstance(decoder, dict):
-                raise ValueError("tokenizer_config.json: added_tokens_decoder must be an object")
-            added = []
-            for index in sorted(decoder or {}, key=int):
-                where = f"tokenizer_config.json: added_tokens_decoder[{index}]"
-                added.append(SpecialToken.parse(decoder[index], where))
-            by_content = {t.content: t for t in added}
-            roles = {}
-            defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-            for key, default in defaults.items():
-                value, where = config.get(key), "tokenizer_config.json"
-                if decoder is None and special_map.get(key) is not None:
-                    value, where = special_map[key], "special_tokens_map.json"
-                token = SpecialToken.parse(default if value is None else value, f"{where}: {key}")
-                roles[key] = by_content.get(token.content, token)
+            added, roles = _special_tokens(config, special_map)
             sides = {}
             for key in ("padding_side", "truncation_side"):
                 sides[key] = config.get(key, "right")
                 if sides[key] not in ("left", "right"):
                     raise ValueError(f"tokenizer_config.json: {key} must be 'left' or 'right', got {sides[key]!r}")
-            max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH)
-            if isinstance(max_length, float) and max_length.is_integer():
-                max_length = int(max_length)
-            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-                raise ValueError(f"tokenizer_config.json: model_max_length must be an integer >= 2, got {max_length!r}")
+            max_length = _max_length(config)
         except ValueError as e:
             raise ModelFolderError(f"{folder}: {e}") from None
-        if max_length >= _UNSET_MAX_LENGTH:
-            max_length = DEFAULT_MAX_LENGTH
 
         # An added token whose content is in the vocab keeps its vocab id; those must exist for bos/eos.
         for key in ("bos_token", "eos_token"):
@@ -260,6 +236,40 @@ class ClipTokenizer:
 
 
 # ---------------------------------------------------------------------- file reading
+
+
+def _special_tokens(config: dict, special_map: dict) -> tuple[list[SpecialToken], dict[str, SpecialToken]]:
+    """(added tokens in id order, {bos/eos/unk/pad_token: token}). As transformers 5: when
+    tokenizer_config.json has added_tokens_decoder, special_tokens_map.json is ignored and a named token whose
+    text is in added_tokens_decoder takes that entry's flags; otherwise special_tokens_map.json's values
+    override tokenizer_config.json's. ValueError for malformed entries."""
+    decoder = config.get("added_tokens_decoder")
+    if decoder is not None and not isinstance(decoder, dict):
+        raise ValueError("tokenizer_config.json: added_tokens_decoder must be an object")
+    added = []
+    for index in sorted(decoder or {}, key=int):
+        where = f"tokenizer_config.json: added_tokens_decoder[{index}]"
+        added.append(SpecialToken.parse(decoder[index], where))
+    by_content = {t.content: t for t in added}
+    roles = {}
+    defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    for key, default in defaults.items():
+        value, where = config.get(key), "tokenizer_config.json"
+        if decoder is None and special_map.get(key) is not None:
+            value, where = special_map[key], "special_tokens_map.json"
+        token = SpecialToken.parse(default if value is None else value, f"{where}: {key}")
+        roles[key] = by_content.get(token.content, token)
+    return added, roles
+
+
+def _max_length(config: dict) -> int:
+    """tokenizer_config.json's model_max_length (77 when unset, or set to transformers' 'very large')."""
+    max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH)
+    if isinstance(max_length, float) and max_length.is_integer():
+        max_length = int(max_length)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"tokenizer_config.json: model_max_length must be an integer >= 2, got {max_length!r}")
+    return DEFAULT_MAX_LENGTH if max_length >= _UNSET_MAX_LENGTH else max_length
 
 
 def _check_text(text) -> str:

@@ -135,14 +135,7 @@ def _learn_bpe(word_counts: dict[str, int], num_merges: int, taken: set[str]) ->
     merges: list[tuple[str, str]] = []
     banned: set[tuple[str, str]] = set()
     while len(merges) < num_merges:
-        best = None
-        best_key = None
-        for pair, count in pair_counts.items():
-            if count <= 0 or pair in banned:
-                continue
-            key = (-count, pair)
-            if best_key is None or key < best_key:
-                best, best_key = pair, key
+        best = _most_frequent(pair_counts, banned)
         if best is None:
             break
         merged = best[0] + best[1]
@@ -155,21 +148,39 @@ def _learn_bpe(word_counts: dict[str, int], num_merges: int, taken: set[str]) ->
             syms = symbols[i]
             for pair in zip(syms, syms[1:]):
                 pair_counts[pair] -= freqs[i]
-            out: list[str] = []
-            j = 0
-            while j < len(syms):
-                if j + 1 < len(syms) and syms[j] == best[0] and syms[j + 1] == best[1]:
-                    out.append(merged)
-                    j += 2
-                else:
-                    out.append(syms[j])
-                    j += 1
+            out = _merge_pair(syms, best, merged)
             symbols[i] = out
             for pair in zip(out, out[1:]):
                 pair_counts[pair] += freqs[i]
                 where.setdefault(pair, set()).add(i)
         pair_counts.pop(best, None)
     return merges
+
+
+def _most_frequent(pair_counts: Counter[tuple[str, str]], banned: set[tuple[str, str]]) -> tuple[str, str] | None:
+    """The most frequent pair not banned (ties: the smallest pair), or None when no pair is left."""
+    best, best_key = None, None
+    for pair, count in pair_counts.items():
+        if count <= 0 or pair in banned:
+            continue
+        key = (-count, pair)
+        if best_key is None or key < best_key:
+            best, best_key = pair, key
+    return best
+
+
+def _merge_pair(syms: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """`syms` with every adjacent occurrence of `pair` (left to right, not overlapping) replaced by `merged`."""
+    out: list[str] = []
+    j = 0
+    while j < len(syms):
+        if j + 1 < len(syms) and syms[j] == pair[0] and syms[j + 1] == pair[1]:
+            out.append(merged)
+            j += 2
+        else:
+            out.append(syms[j])
+            j += 1
+    return out
 
 
 def _corpus_words(corpus: Iterable[str]) -> dict[str, int]:

@@ -6,10 +6,10 @@ written by `bench/adherence.py --matrix --card <folder>/README.md`; rewriting th
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from ..fileio import read_json
 from . import shapes
 
 BEGIN, END = "<!-- adherence:begin -->", "<!-- adherence:end -->"
@@ -23,7 +23,7 @@ def _params(folder: Path, part: str) -> int:
 
 def write_card(folder: str | Path) -> Path:
     folder = Path(folder)
-    info = json.loads((folder / "training.json").read_text())
+    info = read_json(folder / "training.json")
     r, times, vae, unet = info["recipe"], info["times_s"], info["vae"], info["unet"]
     card = folder / "README.md"
     table = f"{BEGIN}\n(not measured yet: run `python bench/adherence.py --matrix --card {card}`)\n{END}"
@@ -40,7 +40,7 @@ def write_card(folder: str | Path) -> Path:
     minutes = sum(times.values()) / 60
     loss = unet.get("final_loss_ema")
     final_loss = f" Final training loss (min-SNR weighted, smoothed): {loss:.4f}." if loss is not None else ""
-    vocab = json.loads((folder / "text_encoder" / "config.json").read_text())["vocab_size"]
+    vocab = read_json(folder / "text_encoder" / "config.json")["vocab_size"]
     text = f"""# sdlite-shapes
 
 A tiny text-to-image model that the sdlite repository trains itself, on two CPU cores, so that

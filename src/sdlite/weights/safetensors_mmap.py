@@ -27,7 +27,7 @@ import os
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -128,49 +128,52 @@ def _parse_header(path: str, raw: bytes, data_len: int) -> tuple[dict[str, Tenso
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ must be an object of string values")
 
-    entries: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        where = f"tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise bad(f"{where}: entry is not an object")
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
-        if missing:
-            raise bad(f"{where}: entry lacks {', '.join(missing)}")
-        dtype_name = entry["dtype"]
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise bad(f"{where}: unknown dtype {dtype_name!r} (supported: {', '.join(DTYPES)})")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        offsets = entry["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise bad(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-        begin, end = offsets
-        if end > data_len:
-            raise WeightsError(
-                f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {end} "
-                f"but the data section holds only {data_len} bytes"
-            )
-        dtype = DTYPES[dtype_name]
-        expected = math.prod(shape) * _itemsize(dtype)
-        if end - begin != expected:
-            raise bad(
-                f"{where}: byte length {end - begin} does not match shape {shape} x {dtype_name} "
-                f"({expected} bytes)"
-            )
-        entries[name] = TensorInfo(name, dtype_name, dtype, tuple(shape), begin, end)
-
+    entries = {name: _check_entry(bad, path, name, entry, data_len) for name, entry in header.items()}
     # Overlaps: sort non-empty ranges by start; each must begin at or after the previous one's end.
     ranges = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
     for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
         if b1 < e0:
             raise bad(f"tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap")
     return entries, metadata
+
+
+def _check_entry(bad: Callable[[str], WeightsError], path: str, name: str, entry: object,
+                 data_len: int) -> TensorInfo:
+    """One header entry {"dtype", "shape", "data_offsets"}, checked against the format and the data size."""
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise bad(f"{where}: entry is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise bad(f"{where}: entry lacks {', '.join(missing)}")
+    dtype_name = entry["dtype"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise bad(f"{where}: unknown dtype {dtype_name!r} (supported: {', '.join(DTYPES)})")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+        raise WeightsError(
+            f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {end} "
+            f"but the data section holds only {data_len} bytes"
+        )
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * _itemsize(dtype)
+    if end - begin != expected:
+        raise bad(
+            f"{where}: byte length {end - begin} does not match shape {shape} x {dtype_name} "
+            f"({expected} bytes)"
+        )
+    return TensorInfo(name, dtype_name, dtype, tuple(shape), begin, end)
 
 
 class SafetensorsFile(Mapping):
@@ -361,18 +364,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise WeightsError(f"{path}: metadata must map strings to strings")
-    prepared: list[tuple[str, torch.Tensor, str]] = []
-    for name, t in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__":
-            raise WeightsError(f"{path}: invalid tensor name {name!r}")
-        if not isinstance(t, torch.Tensor):
-            raise WeightsError(f"{path}: {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        if t.dtype not in _NAMES:
-            raise WeightsError(f"{path}: {name!r} has dtype {t.dtype}, which safetensors cannot store here")
-        if t.is_sparse or t.layout != torch.strided:
-            raise WeightsError(f"{path}: {name!r} is not a dense tensor")
-        prepared.append((name, t, _NAMES[t.dtype]))
-
+    prepared = [(name, t, _stored_dtype_name(path, name, t)) for name, t in tensors.items()]
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -387,7 +379,25 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         header[name] = {"dtype": dtype_name, "shape": list(t.shape), "data_offsets": list(offsets[name])}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    _write_atomic(path, raw, [t for _, t, _ in layout])
 
+
+def _stored_dtype_name(path: str, name: object, t: object) -> str:
+    """The safetensors dtype name `t` is stored as; WeightsError for what the format cannot hold."""
+    if not isinstance(name, str) or name == "__metadata__":
+        raise WeightsError(f"{path}: invalid tensor name {name!r}")
+    if not isinstance(t, torch.Tensor):
+        raise WeightsError(f"{path}: {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    if t.dtype not in _NAMES:
+        raise WeightsError(f"{path}: {name!r} has dtype {t.dtype}, which safetensors cannot store here")
+    if t.is_sparse or t.layout != torch.strided:
+        raise WeightsError(f"{path}: {name!r} is not a dense tensor")
+    return _NAMES[t.dtype]
+
+
+def _write_atomic(path: str, header: bytes, data: list[torch.Tensor]) -> None:
+    """The header length, the header and the tensors' bytes in order, into a temporary file in the same
+    folder, fsynced, then renamed to `path`; nothing is left behind on failure."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise WeightsError(f"{path}: is a directory")
@@ -397,9 +407,9 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         raise WeightsError(f"{path}: cannot create a file in {folder}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            for name, t, _ in layout:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            for t in data:
                 if t.numel() == 0:
                     continue
                 data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)

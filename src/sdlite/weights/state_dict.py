@@ -109,8 +109,37 @@ def load_into(
     """
     report = LoadReport(source=source)
     slots, non_persistent = _module_slots(module)
+    by_name = _map_keys(tensors, key_map, source, report)
+    unexpected = []
+    for name in by_name:
+        if name not in slots:
+            (report.ignored if name in non_persistent else unexpected).append(name)
+    plan, missing, problems = _match(tensors, by_name, slots)
+    if strict:
+        if missing:
+            problems.insert(0, f"missing keys ({len(missing)}): {format_names(missing)}")
+        if unexpected:
+            problems.insert(1 if missing else 0,
+                            f"unexpected keys ({len(unexpected)}): {format_names(unexpected)}")
+    else:
+        report.missing, report.unexpected = missing, unexpected
+    if problems:
+        hint = ""
+        if not plan and not any(p.startswith(("shape", "dtype")) for p in problems):
+            hint = " (no key matched; wrong component or checkpoint layout?)"
+        hint = _prefix_hint(unexpected, slots) or hint
+        raise WeightsError(
+            f"{source}: checkpoint does not fit {type(module).__name__}: " + "; ".join(problems) + hint
+        )
+    for names, t in plan:
+        _assign(names, t, slots, dtype, report)
+    return report
 
-    by_name: dict[str, str] = {}  # module name -> checkpoint key
+
+def _map_keys(tensors: Mapping[str, torch.Tensor], key_map: Callable[[str], str | None] | None, source: str,
+              report: LoadReport) -> dict[str, str]:
+    """Module name -> checkpoint key, through `key_map`; keys it maps to None are noted as dropped."""
+    by_name: dict[str, str] = {}
     for key in tensors.keys():
         name = key_map(key) if key_map is not None else key
         if name is None:
@@ -121,16 +150,16 @@ def load_into(
                 f"{source}: checkpoint keys {by_name[name]!r} and {key!r} both map to {name!r}"
             )
         by_name[name] = key
+    return by_name
 
-    unexpected = []
-    for name in by_name:
-        if name not in slots:
-            (report.ignored if name in non_persistent else unexpected).append(name)
 
-    groups: dict[int, list[str]] = {}  # tensors shared by several names are assigned once
+def _match(tensors: Mapping[str, torch.Tensor], by_name: dict[str, str], slots: dict[str, _Slot]
+           ) -> tuple[list[tuple[list[str], torch.Tensor]], list[str], list[str]]:
+    """(what to assign: the module names sharing one tensor, and the checkpoint tensor; missing names;
+    shape and kind mismatches). Tensors shared by several names are matched once."""
+    groups: dict[int, list[str]] = {}
     for name, slot in slots.items():
         groups.setdefault(id(slot.current), []).append(name)
-
     missing: list[str] = []
     plan: list[tuple[list[str], torch.Tensor]] = []
     problems: list[str] = []
@@ -150,45 +179,30 @@ def load_into(
             problems.append(f"dtype mismatch for {label!r}: checkpoint {t.dtype}, model {want.dtype}")
         else:
             plan.append((names, t))
+    return plan, missing, problems
 
-    if strict:
-        if missing:
-            problems.insert(0, f"missing keys ({len(missing)}): {format_names(missing)}")
-        if unexpected:
-            problems.insert(1 if missing else 0,
-                            f"unexpected keys ({len(unexpected)}): {format_names(unexpected)}")
+
+def _assign(names: list[str], t: torch.Tensor, slots: dict[str, _Slot], dtype: torch.dtype | None,
+            report: LoadReport) -> None:
+    """Point every module name in `names` at `t` (converted to the target dtype only when it differs)."""
+    want = slots[names[0]].current
+    target = dtype if (dtype is not None and want.dtype.is_floating_point) else want.dtype
+    device = torch.device("cpu") if want.device.type == "meta" else want.device
+    value = t.to(device=device, dtype=target)
+    if value.data_ptr() == t.data_ptr() or t.numel() == 0:
+        report.shared += 1
     else:
-        report.missing, report.unexpected = missing, unexpected
-    if problems:
-        hint = ""
-        if not plan and not any(p.startswith(("shape", "dtype")) for p in problems):
-            hint = " (no key matched; wrong component or checkpoint layout?)"
-        hint = _prefix_hint(unexpected, slots) or hint
-        raise WeightsError(
-            f"{source}: checkpoint does not fit {type(module).__name__}: " + "; ".join(problems) + hint
-        )
-
-    cpu = torch.device("cpu")
-    for names, t in plan:
-        want = slots[names[0]].current
-        target = dtype if (dtype is not None and want.dtype.is_floating_point) else want.dtype
-        device = cpu if want.device.type == "meta" else want.device
-        value = t.to(device=device, dtype=target)
-        if value.data_ptr() == t.data_ptr() or t.numel() == 0:
-            report.shared += 1
+        report.converted += 1
+    new_param = None
+    for name in names:
+        slot = slots[name]
+        if slot.is_param:
+            if new_param is None:
+                new_param = torch.nn.Parameter(value, requires_grad=False)
+            setattr(slot.owner, slot.attr, new_param)
         else:
-            report.converted += 1
-        new_param = None
-        for name in names:
-            slot = slots[name]
-            if slot.is_param:
-                if new_param is None:
-                    new_param = torch.nn.Parameter(value, requires_grad=False)
-                setattr(slot.owner, slot.attr, new_param)
-            else:
-                setattr(slot.owner, slot.attr, value)
-            report.loaded.append(name)
-    return report
+            setattr(slot.owner, slot.attr, value)
+        report.loaded.append(name)
 
 
 class ComponentWeights(Mapping):
@@ -213,9 +227,6 @@ class ComponentWeights(Mapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self._where
-
-    def file_of(self, key: str) -> SafetensorsFile:
-        return self._where[key]
 
     def dtype_of(self, key: str) -> torch.dtype:
         return self._where[key].dtype_of(key)

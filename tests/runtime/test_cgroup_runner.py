@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "memory.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory.py"
 
 
 def load_runner():

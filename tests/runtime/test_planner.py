@@ -8,18 +8,8 @@ from sdlite.cli import main
 from sdlite.errors import PlanError
 from sdlite.pipeline import Pipeline
 from sdlite.runtime.planner import ModelSizes, make_plan
-from sdlite.units import MiB, parse_bytes
+from sdlite.units import MiB
 from sdlite.weights.model_folder import ModelFolder
-
-
-def test_parse_bytes():
-    assert parse_bytes("1.5G") == int(1.5 * 1024**3)
-    assert parse_bytes("768M") == 768 * MiB
-    assert parse_bytes("512MiB") == 512 * MiB
-    assert parse_bytes("2GB") == 2 * 1024**3
-    for bad in ("", "abc", "-1G", "0", "nanM"):
-        with pytest.raises(ValueError):
-            parse_bytes(bad)
 
 
 def test_unlimited_plan_keeps_everything_resident(tiny_model):
