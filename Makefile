@@ -1,6 +1,7 @@
 # Two commands for a fresh machine:
 #   make demo   set up .venv and generate an image with the model sdlite ships (offline, seconds)
 #   make test   set up .venv with the test extras and run the test suite
+#   make lint   ruff: pyflakes rules, import order, a complexity bound (config in pyproject.toml)
 # torch is pinned to 2.13.0 (CPU build) everywhere; constraints.txt pins every other package.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PIP = $(VENV)/bin/pip
 PROMPT ?= a red circle on a blue background
 PIP_INSTALL = $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test venv venv-test clean
+.PHONY: demo test lint venv venv-test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: venv
 
 test: venv-test
 	$(VENV)/bin/python -m pytest
+
+lint: venv-test
+	$(VENV)/bin/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) demo.png

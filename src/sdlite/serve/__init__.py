@@ -3,13 +3,14 @@
 Layout (front ends over one execution core, no math here):
 
     config.py        ServeConfig: ports, limits, queue, deadlines, breaker, grace period
-    fields.py        request fields -> a validated GenerationRequest under the configured caps
+    fields.py        request fields -> a GenerationRequest checked by the request contract under the service's caps
     execution.py     Executor: bounded admission queue, worker slots, deadlines, cancellation, drain
     breaker.py       CircuitBreaker: opens after N consecutive failures/timeouts, half-opens after cool-down
     metrics.py       Prometheus metrics (own registry)
     grpc_server.py   TextToImage service + standard health service + server reflection
     http_server.py   /sdapi/v1/txt2img, /v1/images/generations, /healthz, /metrics
     server.py        load the model once, start both front ends, signals, drain, exit
+    loadtest.py      `sdlite loadtest`: concurrent closed-loop clients against a local server
     sdlite.proto     the gRPC contract; sdlite_pb2*.py are generated from it by gen_proto.sh
 
 grpcio, protobuf and prometheus-client come with the `serve` extra: `pip install sdlite[serve]`.
