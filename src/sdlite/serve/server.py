@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import Cancelled, SdliteError
+from ..units import format_bytes
 from .config import ServeConfig
 
 log = logging.getLogger("sdlite.serve")
@@ -158,7 +159,7 @@ def _announce(out, config: ServeConfig, pipe, load_s: float, slots: int, default
           f"queue {config.queue_size}, native size {defaults.width}x{defaults.height}", file=out)
     plan = getattr(pipe, "plan", None)
     if plan is not None and getattr(plan, "budget", None):
-        print(f"sdlite serve: memory plan for {plan.budget / 2**30:.2f} GiB: {plan.describe()}", file=out)
+        print(f"sdlite serve: memory plan for {format_bytes(plan.budget)}: {plan.describe()}", file=out)
     for name, fe in front_ends:
         print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
     out.flush()
