@@ -15,8 +15,11 @@ on failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -440,15 +443,43 @@ COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest})
 
 
 def main(argv: list[str] | None = None) -> int:
+    with _interruptible():
+        try:
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
+        except (CliError, SdliteError) as exc:
+            print(f"sdlite: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("sdlite: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C: the first stops the work at its next step (the command then exits 130, leaving no partial
+    output); a second leaves at once. `serve` installs its own handlers for SIGINT/SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def on_sigint(signum, frame):
+        from .runtime.compute_thread import busy, exit_now
+        if pressed and busy():
+            print("\nsdlite: interrupted", file=sys.stderr)
+            exit_now(EXIT_INTERRUPTED)
+        pressed.append(True)
+        if busy():
+            print("\nsdlite: stopping at the next step (Ctrl-C again to quit at once)", file=sys.stderr,
+                  flush=True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except (CliError, SdliteError) as exc:
-        print(f"sdlite: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("sdlite: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 from ..errors import Cancelled, SdliteError
+from ..runtime import compute_thread
 from ..units import format_bytes
 from .config import ServeConfig
 
 log = logging.getLogger("sdlite.serve")
+STOP_WAIT = 60.0  # seconds a cancelled generation gets to reach its next step at shutdown
 
 
 class ServeSetupError(SdliteError):
@@ -63,10 +65,16 @@ def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _serve(config, out, warmup, stop, executor_box)
+        code = _serve(config, out, warmup, stop, executor_box)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    # cancelled work stops at its next step; the process must not exit while it is still inside torch
+    if not compute_thread.wait_idle(STOP_WAIT):
+        print("sdlite serve: a generation did not stop in time; exiting without waiting for it", file=out,
+              flush=True)
+        compute_thread.exit_now(code)
+    return code
 
 
 def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
