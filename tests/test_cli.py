@@ -124,7 +124,7 @@ def test_bad_model_folder(tiny_model, tmp_path, capsys, edit, needle):
     (["--steps", "0"], "--steps"),
     (["--sampler", "plms"], "--sampler"),
     (["--cfg-scale", "nan"], "--cfg-scale"),
-    (["--seed", "-1"], "--seed"),
+    (["--seed", "-2"], "--seed"),  # -1 is random, as in A1111
     (["-W", "abc"], "--width"),
 ])
 def test_bad_arguments(tiny_model, tmp_path, capsys, args, needle):
@@ -139,7 +139,7 @@ def test_bad_arguments(tiny_model, tmp_path, capsys, args, needle):
 @pytest.mark.parametrize("model,output,needle", [
     ("{tmp}/missing", "{tmp}/o.png", "no such model folder"),
     ("{model}", "{tmp}/nodir/o.png", "does not exist"),
-    ("{model}", "{tmp}/o.jpg", ".png"),
+    ("{model}", "{tmp}/o.gif", ".png, .jpg or .webp"),  # .jpg/.webp are written since A1111 users ask
     ("{file}", "{tmp}/o.png", "is a file"),
 ])
 def test_bad_paths(tiny_model, tmp_path, capsys, model, output, needle):

@@ -21,12 +21,14 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .errors import SdliteError
 
-EXIT_USAGE = 2
+EXIT_FAILED = 1        # the command ran, and its work failed (e.g. a load test where nothing succeeded)
+EXIT_USAGE = 2         # bad arguments, model, request or environment: one line on stderr
 EXIT_INTERRUPTED = 130
 
 
@@ -37,12 +39,6 @@ class CliError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         raise CliError(message)
-
-
-def shipped_model() -> Path | None:
-    """The model this package ships (trained in this repo), if it is installed."""
-    here = Path(__file__).parent / "assets" / "sdlite-shapes"
-    return here if (here / "model_index.json").is_file() else None
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -61,6 +57,12 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
+
+
+def seed_arg(text: str) -> int:
+    """A seed: an integer >= 0, or -1 for a random one (A1111's convention)."""
+    value = _int_at_least(text, -1)
+    return value
 
 
 def finite_float(text: str) -> float:
@@ -104,52 +106,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sdlite {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    g = sub.add_parser("generate", help="generate an image from a prompt")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="generate an image from a prompt", formatter_class=HelpFormatter,
+                       epilog=SHIPPED_MODEL_NOTE)
+    g.add_argument("prompt", help="what to draw (A1111 habits work: a negative prompt goes in --negative-prompt)")
     g.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
-    g.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="image to write: .png, .jpg or .webp, with the generation parameters inside (PNG text "
+                        "chunk, or EXIF UserComment as A1111 writes them)")
     add_vae_argument(g)
-    g.add_argument("--steps", type=positive_int, default=20)
-    g.add_argument("--cfg-scale", type=finite_float, default=7.5)
-    g.add_argument("--seed", type=non_negative_int, default=None, help="default: random")
-    g.add_argument("-W", "--width", type=positive_int, default=None, help="default: the model's size")
-    g.add_argument("-H", "--height", type=positive_int, default=None, help="default: the model's size")
+    g.add_argument("--steps", type=positive_int, default=20, help="sampler steps")
+    g.add_argument("--cfg-scale", type=finite_float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 turns guidance off")
+    g.add_argument("--seed", type=seed_arg, default=-1, help="-1: random (the seed used is printed)")
+    g.add_argument("-W", "--width", type=positive_int, default=None,
+                   help="pixels, a multiple of 8 (default: the model's native size)")
+    g.add_argument("-H", "--height", type=positive_int, default=None,
+                   help="pixels, a multiple of 8 (default: the model's native size)")
     g.add_argument("--sampler", type=sampler_name, default="dpm++2m", metavar="NAME",
                    help="one of " + ", ".join(f"{n} ({sampler_label(n)})" for n in SAMPLERS)
-                   + "; the A1111 label works too (default: dpm++2m)")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--clip-skip", type=non_negative_int, default=0)
-    g.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+                   + "; the A1111 label works too")
+    g.add_argument("--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("--clip-skip", type=non_negative_int, default=0,
+                   help="text encoder layers to skip from the end (A1111's 'Clip skip' minus 1)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: the physical cores, set up once)")
     g.add_argument("--memory-budget", type=byte_size, default=None,
-                   help="stay within this much memory (e.g. 1.5G, 768M): planned before loading")
+                   help="stay within this much memory (e.g. 1.5G, 768M): planned before loading "
+                        "(default: no limit)")
     g.add_argument("--profile", metavar="TRACE.json", default=None,
                    help="write a Chrome/Perfetto trace of the stages and memory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true",
                    help="print the plan and a per-stage table of time and peak memory")
 
-    i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan")
+    i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan",
+                       formatter_class=HelpFormatter)
     i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
     add_vae_argument(i)
     i.add_argument("--memory-budget", type=byte_size, action="append", default=None,
                    help="show the plan for this budget (repeatable; default: a few common budgets)")
-    i.add_argument("-W", "--width", type=positive_int, default=None)
-    i.add_argument("-H", "--height", type=positive_int, default=None)
+    i.add_argument("-W", "--width", type=positive_int, default=None, help="plan for this width (default: native)")
+    i.add_argument("-H", "--height", type=positive_int, default=None, help="plan for this height (default: native)")
 
-    c = sub.add_parser("convert", help="write a copy of a model folder with fp16 or int8 weights")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--weights", choices=("fp32", "fp16", "int8"), required=True)
+    c = sub.add_parser("convert", help="write a copy of a model folder with fp16 or int8 weights",
+                       formatter_class=HelpFormatter)
+    c.add_argument("src", help="the diffusers model folder to read")
+    c.add_argument("dst", help="the folder to write (must not exist)")
+    c.add_argument("--weights", choices=("fp32", "fp16", "int8"), required=True,
+                   help="storage of the weights: int8 (per-channel scales) for the UNet and text encoder's "
+                        "layers, fp16 elsewhere; fp16 everything; or fp32")
 
-    r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)")
+    r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)",
+                       formatter_class=HelpFormatter)
     r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15 (a whole model); taesd or tiny-taesd "
                                 "(a VAE folder for --vae)")
-    r.add_argument("output")
-    r.add_argument("--seed", type=non_negative_int, default=0)
-    r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    r.add_argument("output", help="the folder to write (must not exist)")
+    r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
+    r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="storage of the weights")
 
     add_serve_parsers(sub)
     return p
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == "" or default is argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+SHIPPED_MODEL_NOTE = ("Without -m, sdlite uses the model it ships, sdlite-shapes: it draws one flat shape on a flat "
+                      "background at 64x64 and knows a few dozen words (colors, shapes, positions, e.g. 'a red "
+                      "circle on a blue background'); see its README.md. Real checkpoints: -m FOLDER.")
 
 
 class ProgressBar:
@@ -173,6 +205,7 @@ class ProgressBar:
 
 
 def resolve_model(arg: str | None) -> Path:
+    from .weights.model_folder import shipped_model
     if arg:
         return Path(arg)
     model = shipped_model()
@@ -182,9 +215,16 @@ def resolve_model(arg: str | None) -> Path:
     return model
 
 
-def check_output_path(path: Path, suffix: str = ".png") -> None:
-    if path.suffix.lower() != suffix:
+def check_output_path(path: Path, suffix: str | None = None) -> None:
+    """An output file we may write: the right kind (`suffix`, or an image format), in a writable folder."""
+    from .image_io import output_format
+    if suffix is not None and path.suffix.lower() != suffix:
         raise CliError(f"{path}: output must be a {suffix} file")
+    if suffix is None:
+        try:
+            output_format(path)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CliError(f"{path}: directory {parent} does not exist")
@@ -337,7 +377,8 @@ def positive_float(text: str) -> float:
 
 
 def add_serve_parsers(sub) -> None:
-    s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service")
+    s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service",
+                       formatter_class=HelpFormatter)
     s.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
     add_vae_argument(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -352,13 +393,14 @@ def add_serve_parsers(sub) -> None:
                         "pipeline runs one generation at a time)")
     s.add_argument("--queue-size", type=non_negative_int, default=4,
                    help="admitted requests that may wait for a slot; more get RESOURCE_EXHAUSTED / 429")
-    s.add_argument("--max-width", type=positive_int, default=1024)
-    s.add_argument("--max-height", type=positive_int, default=1024)
-    s.add_argument("--max-steps", type=positive_int, default=150)
+    s.add_argument("--max-width", type=positive_int, default=1024, help="largest width a request may ask for")
+    s.add_argument("--max-height", type=positive_int, default=1024, help="largest height a request may ask for")
+    s.add_argument("--max-steps", type=positive_int, default=150, help="most sampler steps a request may ask for")
     s.add_argument("--max-images", type=positive_int, default=4, help="cap on OpenAI n / A1111 batch")
     s.add_argument("--default-deadline", type=positive_float, default=300.0,
                    help="seconds a request may take when the client sets no deadline")
-    s.add_argument("--max-deadline", type=positive_float, default=3600.0)
+    s.add_argument("--max-deadline", type=positive_float, default=3600.0,
+                   help="seconds: a client's longer deadline is cut to this")
     s.add_argument("--breaker-failures", type=non_negative_int, default=5,
                    help="consecutive failures/timeouts that open the circuit (0: never)")
     s.add_argument("--breaker-cooldown", type=positive_float, default=30.0,
@@ -369,37 +411,49 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation")
     s.add_argument("-v", "--verbose", action="store_true", help="log every HTTP request")
 
-    lt = sub.add_parser("loadtest", help="drive a local sdlite serve with concurrent clients")
+    lt = sub.add_parser("loadtest", help="drive a local sdlite serve with concurrent clients",
+                        formatter_class=HelpFormatter)
     lt.add_argument("target", help="grpc://127.0.0.1:PORT or http://127.0.0.1:PORT (loopback only)")
     lt.add_argument("--api", choices=("a1111", "openai"), default=None, help="HTTP API (default: a1111)")
-    lt.add_argument("-c", "--clients", type=positive_int, default=1)
+    lt.add_argument("-c", "--clients", type=positive_int, default=1, help="concurrent closed-loop clients")
     lt.add_argument("-n", "--requests", type=positive_int, default=None,
                     help="requests in all (default 20 when -t is not given)")
     lt.add_argument("-t", "--duration", type=positive_float, default=None, help="seconds")
-    lt.add_argument("--prompt", default="a lighthouse at dusk")
-    lt.add_argument("--negative-prompt", default=None)
-    lt.add_argument("--steps", type=positive_int, default=None)
-    lt.add_argument("--cfg-scale", type=finite_float, default=None)
-    lt.add_argument("--seed", type=non_negative_int, default=None)
-    lt.add_argument("-W", "--width", type=positive_int, default=None)
-    lt.add_argument("-H", "--height", type=positive_int, default=None)
-    lt.add_argument("--sampler", default=None)
+    lt.add_argument("--prompt", default="a lighthouse at dusk", help="the prompt every request sends")
+    lt.add_argument("--negative-prompt", default=None, help="(default: the server's)")
+    lt.add_argument("--steps", type=positive_int, default=None, help="(default: the server's)")
+    lt.add_argument("--cfg-scale", type=finite_float, default=None, help="(default: the server's)")
+    lt.add_argument("--seed", type=non_negative_int, default=None, help="(default: random)")
+    lt.add_argument("-W", "--width", type=positive_int, default=None, help="(default: the model's size)")
+    lt.add_argument("-H", "--height", type=positive_int, default=None, help="(default: the model's size)")
+    lt.add_argument("--sampler", default=None, help="a name or A1111 label (default: the server's)")
     lt.add_argument("--timeout", type=positive_float, default=300.0, help="per-request deadline, seconds")
     lt.add_argument("--retry-wait", type=finite_float, default=0.1,
                     help="seconds a client pauses after a shed answer (429/503, RESOURCE_EXHAUSTED)")
     lt.add_argument("--json", action="store_true", help="print one JSON line instead of text")
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or a module blanked in sys.modules
+        return False
+
+
 def cmd_serve(args) -> int:
     import logging
 
-    try:
-        from .serve.config import Limits, ServeConfig
-        from .serve.server import serve
-    except ImportError as exc:
-        raise CliError(f"serve needs the serve extra (pip install 'sdlite[serve]'): {exc}") from None
     if args.grpc_port is None and args.http_port is None:
         raise CliError("--grpc-port off and --http-port off: nothing to serve")
+    needed = ["prometheus_client"] + (["grpc", "grpc_health", "grpc_reflection", "google.protobuf"]
+                                      if args.grpc_port is not None else [])
+    missing = [name for name in needed if not _importable(name)]
+    if missing:
+        raise CliError(f"serve needs the serve extra, which is not installed (missing: {', '.join(missing)}): "
+                       "pip install -c constraints.txt -e '.[serve]'")
+    from .serve.config import Limits, ServeConfig
+    from .serve.server import serve
     if args.grace < 0:
         raise CliError(f"--grace must be >= 0, got {args.grace}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -435,6 +489,10 @@ def cmd_loadtest(args) -> int:
     except LoadtestError as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(report.as_dict()) if args.json else report.text())
+    if report.ok == 0:
+        statuses = ", ".join(f"{k} x{v}" for k, v in sorted(report.statuses.items())) or "none sent"
+        print(f"sdlite: error: no request succeeded ({statuses})", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
@@ -443,7 +501,8 @@ COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest})
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _interruptible():
+    with _interruptible(), warnings.catch_warnings():
+        warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
             return COMMANDS[args.command](args)
@@ -453,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("sdlite: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a prompt longer than the text encoder takes, ...) as one plain line, not Python's format."""
+    print(f"sdlite: warning: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .errors import Cancelled, InvalidRequest
+from .errors import Cancelled, InvalidRequest, ModelFolderError
 from .fileio import read_json
 from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
@@ -46,7 +46,7 @@ from .runtime.residency import Residency
 from .runtime.tiled_vae import decode_tiled
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
-from .weights.model_folder import ModelFolder
+from .weights.model_folder import ModelFolder, shipped_model
 
 __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "format_parameters",
            "request_caps"]
@@ -76,11 +76,12 @@ class Pipeline:
             tokenizer.max_length = self.text_config.max_position_embeddings
 
     @classmethod
-    def load(cls, path: str | Path, *, memory_budget: int | str | None = None, plan: Plan | None = None,
+    def load(cls, path: str | Path | None = None, *, memory_budget: int | str | None = None, plan: Plan | None = None,
              width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
              threads: int | None = None, profiler: Profiler | None = None,
              vae: str | Path | None = None) -> "Pipeline":
-        """Open a diffusers model folder and prepare it to generate.
+        """Open a diffusers model folder and prepare it to generate. With no `path`, the model sdlite
+        ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see its README.md).
 
         memory_budget   bytes (int) or a size ('1.5G', '768M'); None: no limit. The levers are planned
                         for `width` x `height` pixels (default: the model's native size) before anything
@@ -102,6 +103,10 @@ class Pipeline:
     def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae) -> "Pipeline":
         if threads is not None:
             torch.set_num_threads(threads)
+        if path is None:
+            path = shipped_model()
+            if path is None:
+                raise ModelFolderError("no model given, and the model sdlite ships is not installed")
         folder = ModelFolder.open(path, vae=vae)
         check_vae_matches(folder)
         tokenizer = ClipTokenizer.from_folder(folder.component("tokenizer"))

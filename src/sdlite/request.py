@@ -31,6 +31,7 @@ MAX_SIDE = 2048         # pixels: the library's cap on width and height
 MAX_STEPS = 1000        # the library's cap on sampler steps (a schedule may allow fewer)
 SIZE_MULTIPLE = 8       # width and height are multiples of the VAE's 8x downscale
 SEED_LIMIT = 2**64      # seeds are in [0, 2^64), as torch.Generator.manual_seed takes them
+RANDOM_SEED = -1        # as in A1111: a seed of -1 (or None) means "draw one"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class GenerationRequest:
     prompt, negative_prompt  text (str); tokens past the text encoder's 77 are dropped with a warning
     steps             sampler steps (int >= 1; at most what the model's schedule can place)
     cfg_scale         classifier-free guidance scale (float >= 0); at <= 1 the negative prompt is unused
-    seed              int in [0, 2^64); None: a random seed, chosen (and recorded) by `validate`
+    seed              int in [0, 2^64); None or -1: a random seed, chosen (and recorded) by `validate`
     width, height     image size in pixels (multiples of 8)
     sampler           a name of `sdlite.samplers.SAMPLERS`, an A1111 label ("Euler a") or alias; `validate`
                       turns it into the name
@@ -143,7 +144,7 @@ class GenerationRequest:
         if not isinstance(self.sampler, str):
             raise InvalidRequest("sampler", f"must be a string, got {type(self.sampler).__name__}")
         self.sampler = samplers.resolve_sampler(self.sampler)
-        if self.seed is None:
+        if self.seed is None or (type(self.seed) is int and self.seed == RANDOM_SEED):
             self.seed = random.randrange(2**32)
         self.seed = check_int("seed", self.seed, 0, SEED_LIMIT - 1)
         self.clip_skip = check_int("clip_skip", self.clip_skip, 0, caps.max_clip_skip)
@@ -177,10 +178,11 @@ class GenerationResult:
     profile: dict | None = None
 
     def save(self, path: str | Path) -> Path:
-        """Write the image as PNG with its `parameters` chunk, atomically (nothing is left on failure).
-        Raises OSError when the file cannot be written."""
-        from .image_io import save_png
-        return save_png(self.image, path, self.parameters)
+        """Write the image with its parameters, atomically (nothing is left on failure): .png (a
+        `parameters` text chunk), .jpg/.jpeg or .webp (EXIF UserComment, as A1111 writes them). Raises
+        ValueError for another suffix, OSError when the file cannot be written."""
+        from .image_io import save_image
+        return save_image(self.image, path, self.parameters)
 
 
 def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None) -> str:

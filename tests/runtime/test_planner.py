@@ -83,7 +83,7 @@ def test_profile_trace_and_verbose_table(tiny_model, tmp_path, capsys):
 
 PROFILE_SCRIPT = """
 import json
-from sdlite.cli import shipped_model
+from sdlite.weights.model_folder import shipped_model
 from sdlite.pipeline import Pipeline
 from sdlite.runtime.profiler import Profiler
 prof = Profiler(interval=0.005)

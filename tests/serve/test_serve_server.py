@@ -453,9 +453,12 @@ def test_http_client_disconnect_stops_the_work(server):
     s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     wait_for(lambda: metrics(server)["sdlite_running"] == 1, 20, what="the job to run")
+    log_before = len(server.log())
     s.close()
     wait_idle(server, timeout=10)
     wait_for(lambda: count(server, "a1111", "cancelled") == before + 1, 5, what="cancel counted")
+    time.sleep(0.3)
+    assert "Traceback" not in server.log()[log_before:]  # a client that left is one log line, not a traceback
 
 
 def test_loadtest_command_against_both_protocols(server, capsys):

@@ -79,13 +79,23 @@ def test_build_request_fills_defaults_and_keeps_values():
     ("prompt", 5), ("prompt", "x" * 21), ("negative_prompt", ["a"]), ("steps", 0), ("steps", 51),
     ("steps", 2.5), ("steps", True), ("steps", "20"), ("cfg_scale", -1), ("cfg_scale", math.nan),
     ("cfg_scale", math.inf), ("cfg_scale", "7"), ("cfg_scale", 101), ("width", 60), ("width", 0),
-    ("width", 264), ("height", 136), ("height", -8), ("sampler", "plms"), ("sampler", 3), ("seed", -1),
+    ("width", 264), ("height", 136), ("height", -8), ("sampler", "plms"), ("sampler", 3), ("seed", -2),
     ("seed", 2**64), ("seed", 1.5), ("clip_skip", 2), ("clip_skip", -1), ("n", 0), ("n", 4),
 ])
 def test_build_request_names_the_bad_field(field, value):
     with pytest.raises(InvalidRequest) as exc:
         build_request({"prompt": "ok", field: value}, LIMITS, DEFAULTS)
     assert exc.value.field == field
+
+
+def test_one_sampler_vocabulary_and_seed_minus_one_in_every_front_end():
+    # gRPC and OpenAI fields go through build_request: A1111 labels and aliases work there too
+    for text, name in [("Euler a", "euler_a"), ("DPM++ 2M Karras", "dpm++2m_karras"), ("k_lcm", "lcm"),
+                       ("ddim", "ddim")]:
+        assert build_request({"prompt": "x", "sampler": text}, LIMITS, DEFAULTS)[0].sampler == name
+    assert openai_fields({"prompt": "x", "sampler": "Euler a"})["sampler"] == "Euler a"  # resolved by the contract
+    req, _ = build_request({"prompt": "x", "seed": -1}, LIMITS, DEFAULTS)
+    assert 0 <= req.seed < 2**32
 
 
 def test_a1111_mapping():

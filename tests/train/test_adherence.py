@@ -9,9 +9,9 @@ well below the measured ones but far above chance (1/8 background, 1/7 shape col
 import pytest
 import torch
 
-from sdlite.cli import shipped_model
 from sdlite.train.adherence import run_adherence
 from sdlite.train.shapes import bench_prompts
+from sdlite.weights.model_folder import shipped_model
 
 N_PROMPTS = 16
 # Measured: the full bench (200 prompts, model card) gives background 100%, shape color 92.7%, kind 94.0% on

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlite.cli import shipped_model
+from sdlite.weights.model_folder import shipped_model
 
 MAX_BYTES = 20 * 1024 * 1024
 

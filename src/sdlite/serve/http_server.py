@@ -390,6 +390,16 @@ class Server(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def handle_error(self, request, client_address):
+        """A client that went away (closed, reset, timed out) is one log line; anything else keeps the
+        traceback, through logging rather than the standard library's print to stderr."""
+        import sys
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.info("client %s went away: %s", client_address[0], type(exc).__name__)
+        else:
+            log.error("error while serving %s", client_address[0], exc_info=exc)
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)

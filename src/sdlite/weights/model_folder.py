@@ -39,6 +39,13 @@ SD_MODEL_INDEX = {
 }
 
 
+def shipped_model() -> Path | None:
+    """The model this package ships (sdlite-shapes, trained in this repo: 64x64 flat shapes, a few dozen
+    words), or None when the package was installed without its assets."""
+    here = Path(__file__).resolve().parent.parent / "assets" / "sdlite-shapes"
+    return here if (here / "model_index.json").is_file() else None
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     root: Path
