@@ -94,3 +94,22 @@ def test_loadtest_where_nothing_succeeds_exits_non_zero(capsys):
         port = s.getsockname()[1]
     code, out, err = run(["loadtest", f"http://127.0.0.1:{port}", "-n", "2", "--timeout", "5"], capsys)
     assert code == 1 and "no request succeeded" in err
+
+
+def test_shipped_model_says_when_a_request_leaves_its_domain(tmp_path, capsys):
+    code, _, err = run(["generate", "a lighthouse at dusk", "-W", "32", "-H", "32", "--steps", "1", "-q",
+                        "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("sdlite: note: ")]
+    assert len(notes) == 2 and "64x64" in notes[0] and "'lighthouse'" in notes[1] and "'dusk'" in notes[1]
+    code, _, err = run(["generate", "a red circle on a blue background", "--steps", "1", "-q",
+                        "-o", str(tmp_path / "b.png")], capsys)
+    assert code == 0 and "note" not in err
+
+
+def test_vae_that_scales_otherwise_is_refused(tiny_model, tmp_path, capsys):
+    from sdlite.testing import write_random_vae
+    write_random_vae("taesd", tmp_path / "taesd")  # 8x per side; the tiny model's own VAE is 2x
+    code, _, err = run(["generate", "x", "-m", str(tiny_model), "--vae", str(tmp_path / "taesd"),
+                        "-o", str(tmp_path / "o.png"), *FAST], capsys)
+    assert code == 2 and "scales latents 8x" in err and not (tmp_path / "o.png").exists()

@@ -251,6 +251,10 @@ def cmd_generate(args) -> int:
     req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
                             args.width or native, args.height or native, args.sampler,
                             args.clip_skip).validate(request_caps(folder))
+    if args.model is None:  # the shipped model: say when a request leaves what its model card says it knows
+        from .train.shapes import domain_notes
+        for note in domain_notes(req.prompt, req.width, req.height):
+            print(f"sdlite: note: {note}", file=sys.stderr)
     prof = Profiler()
     try:
         pipe = Pipeline.load(model, threads=args.threads, memory_budget=args.memory_budget,
@@ -265,10 +269,22 @@ def cmd_generate(args) -> int:
         prof.close()
     if args.verbose:
         print(prof.table(), file=sys.stderr)
+        print(memory_summary(prof, pipe.plan), file=sys.stderr)
     if args.profile:
         prof.write_trace(args.profile)
     print(f"{output} (seed {req.seed}, {req.width}x{req.height}, {req.steps} steps, {req.sampler})")
     return 0
+
+
+def memory_summary(prof, plan) -> str:
+    """One line that puts the measured peak beside the plan's estimate and the budget."""
+    from .units import format_bytes
+    if prof.cgroup is not None:
+        measured = f"peak charged to this process's cgroup {format_bytes(prof.peak('cgroup'))}"
+    else:
+        measured = f"peak RSS {format_bytes(prof.peak('rss'))} (no memory cgroup of its own)"
+    budget = format_bytes(plan.budget) if plan.budget else "none"
+    return f"memory: {measured}; plan estimate {format_bytes(plan.peak())}; budget {budget}"
 
 
 def cmd_info(args) -> int:

@@ -145,7 +145,9 @@ def bad_vae_cases(tmp_path, tiny_taesd):
     shutil.copytree(tiny_taesd, truncated)
     weights = truncated / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    return [(missing, "no such folder"), (no_config, "no config.json"),
+    other_scale = tmp_path / "other-scale"  # SD-size TAESD (8x) on the tiny model (2x): another image size
+    write_random_vae("taesd", other_scale)
+    return [(missing, "no such folder"), (no_config, "no config.json"), (other_scale, "scales latents 8x"),
             (wrong_class, "'AutoencoderOobleck' is not supported"),
             (wrong_channels, "16-channel latents"), (truncated, "diffusion_pytorch_model.safetensors")]
 

@@ -18,6 +18,25 @@ def test_unlimited_plan_keeps_everything_resident(tiny_model):
     assert not plan.streamed
 
 
+@pytest.mark.parametrize("which", ["tiny", "fp16", "shipped"])
+def test_a_budget_never_costs_more_than_no_budget(tiny_model, tmp_path_factory, which):
+    from sdlite.runtime.convert import convert_model
+    from sdlite.weights.model_folder import shipped_model
+    folder = {"tiny": tiny_model, "shipped": shipped_model()}.get(which)
+    if folder is None:
+        folder = tmp_path_factory.mktemp("fp16") / "m"
+        convert_model(tiny_model, folder, "fp16")
+    sizes = ModelSizes.of(ModelFolder.open(folder))
+    for size in (64, 256):
+        unlimited = make_plan(folder, None, size, size, sizes=sizes)
+        for budget in (64 * 1024, 3 * 1024, 2 * 1024, 1536, 1024, 768):
+            try:
+                plan = make_plan(folder, budget * MiB, size, size, sizes=sizes)
+            except PlanError:
+                continue
+            assert plan.peak() <= unlimited.peak(), (which, size, budget, plan.describe(), unlimited.describe())
+
+
 def test_estimates_shrink_with_the_budget(tiny_model):
     sizes = ModelSizes.of(ModelFolder.open(tiny_model))
     big = make_plan(tiny_model, 8 * 1024 * MiB, 1024, 1024, sizes=sizes)

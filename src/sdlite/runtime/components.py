@@ -140,11 +140,19 @@ def text_config(folder: ModelFolder) -> CLIPTextConfig:
 
 
 def check_vae_matches(folder: ModelFolder) -> None:
-    """The VAE (the model's own, or one given instead) must read the latents this UNet makes."""
+    """The VAE (the model's own, or one given instead) must read the latents this UNet makes, and a VAE
+    given instead must scale them as the model's own does (else images come out at another size than
+    asked). Raises ModelFolderError."""
     unet, vae = unet_config(folder), vae_config(folder)
     if vae.latent_channels != unet.out_channels:
         raise ModelFolderError(f"{folder.component('vae')}: this VAE decodes {vae.latent_channels}-channel "
                                f"latents, but the UNet makes {unet.out_channels}-channel ones")
+    if folder.replacement("vae") is not None and (folder.root / "vae" / "config.json").is_file():
+        own = vae_config(ModelFolder(folder.root, folder.index))
+        if vae_factor(vae) != vae_factor(own):
+            raise ModelFolderError(
+                f"{folder.component('vae')}: this VAE scales latents {vae_factor(vae)}x per side, but the "
+                f"model's own VAE {vae_factor(own)}x: images would come out at another size than asked")
 
 
 def vae_factor(cfg: VAEConfig | TAESDConfig) -> int:

@@ -86,8 +86,9 @@ def rss() -> RSS:
 class Cgroup:
     """The memory cgroup of this process (v1 or v2), or None where there is none we can read."""
 
-    def __init__(self, path: Path, version: int):
+    def __init__(self, path: Path, version: int, own: bool = True):
         self.path, self.version = path, version
+        self.own = own  # False: other processes are charged to it too (a shell's, a container's cgroup)
 
     @classmethod
     def of_self(cls) -> "Cgroup | None":
@@ -100,14 +101,14 @@ class Cgroup:
             if "memory" in controllers.split(","):
                 p = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
                 if (p / "memory.usage_in_bytes").exists():
-                    return cls(p, 1)
+                    return cls(p, 1, own=_alone_in(p))
         for line in lines:
             hid, controllers, rel = line.split(":", 2)
             if hid == "0":
                 for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
                     p = root / rel.lstrip("/")
                     if (p / "memory.current").exists():
-                        return cls(p, 2)
+                        return cls(p, 2, own=_alone_in(p))
         return None
 
     def _read(self, name: str) -> int | None:
@@ -203,6 +204,15 @@ class Cgroup:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def _alone_in(path: Path) -> bool:
+    """True when this process is the only one in the cgroup at `path` (what it charges is then its own)."""
+    try:
+        pids = {int(x) for x in (path / "cgroup.procs").read_text().split()}
+    except (OSError, ValueError):
+        return False
+    return pids <= {os.getpid()}
 
 
 def _try_write(path: Path, text: str) -> None:

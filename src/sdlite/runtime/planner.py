@@ -254,12 +254,14 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
               sizes: ModelSizes | None = None) -> Plan:
     """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
     else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
-    that would fit when none does."""
+    that would fit when none does. With no budget, the fastest plan of all (fp16/int8 weights are then
+    converted to fp32 at load: give a budget on a small device)."""
     if not isinstance(folder, ModelFolder):
         folder = ModelFolder.open(folder)
     sizes = sizes or ModelSizes.of(folder)
-    if budget is None:
-        plan = Plan(width=width, height=height)
+    if budget is None:  # no limit: the fastest levers (so a budget never costs more memory than none)
+        plan = next(candidates(sizes, width, height))
+        plan.width, plan.height = width, height
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
         return plan
     best, best_cost, smallest = None, None, None

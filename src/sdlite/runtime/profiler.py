@@ -50,7 +50,9 @@ class Profiler:
         self.t0 = time.perf_counter()
         self.records: list[StageRecord] = []
         self.samples: list[Sample] = []
-        self.cgroup = Cgroup.of_self()
+        cgroup = Cgroup.of_self()
+        # only a cgroup of the process's own: the root one of a container counts everything in it
+        self.cgroup = cgroup if cgroup is not None and cgroup.own else None
         self.interval = interval
         self._lock = threading.Lock()
         self._open: list[dict] = []  # peaks of the stages in progress (nested stages allowed)
@@ -139,6 +141,8 @@ class Profiler:
             if has_cg:
                 line += f"{(r.peak_cgroup or 0) / mb:11.0f}"
             lines.append(line)
+        if self.cgroup is None:
+            lines.append("(no memory cgroup of its own: rss = anon + file is what this process holds)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

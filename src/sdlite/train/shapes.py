@@ -287,3 +287,20 @@ def caption_corpus() -> list[str]:
         for pos in POSITIONS:
             lines.append(make_caption(c, s, b, None, pos))
     return lines
+
+
+def domain_notes(prompt: str, width: int, height: int) -> list[str]:
+    """What a request asks of the shipped model beyond what it was trained on: another size than 64x64,
+    or words its captions never used. Empty when the request is inside its domain."""
+    import re
+    notes = []
+    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+        notes.append(f"the shipped model was trained at {IMAGE_SIZE}x{IMAGE_SIZE}; at {width}x{height} it "
+                     "draws poorly")
+    known = set(re.findall(r"[a-z]+", " ".join(caption_corpus()).lower()))
+    unknown = sorted(set(re.findall(r"[a-z]+", prompt.lower())) - known)
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        notes.append(f"the shipped model knows {len(known)} words (colors, shapes, sizes, positions: e.g. "
+                     f"'a small red circle at the top left on a blue background'); {shown} are not among them")
+    return notes
