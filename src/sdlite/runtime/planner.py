@@ -16,9 +16,11 @@ pages of the mapped file and reads them again when a layer needs them, so the ru
 within the budget but pays a re-read of the weights on every UNet call. The planner allows that as
 long as the non-reclaimable part (anonymous memory) plus a minimal working set of weights fits.
 
-The levers it chooses among, fastest first: everything resident / one stage at a time; CFG as one
-batch of 2 / two passes of 1; VAE untiled / tiled (smaller tiles as needed); weights materialized /
-dequantized per layer. Attention is always torch's blocked fused kernel (see runtime.attention).
+The levers it chooses among, fastest first: everything resident / one stage at a time; whole layers /
+the largest in channel slices; CFG as one batch of 2 / two passes of 1; VAE untiled / tiled (smaller
+tiles as needed). fp16/int8 weights are always dequantized per layer from the mapped file (converting
+them at load, `weights_mode="materialize"`, is a lever only when asked for). Attention is always torch's
+blocked fused kernel (see runtime.attention).
 """
 
 from __future__ import annotations
@@ -240,28 +242,26 @@ def candidates(sizes: ModelSizes, width: int, height: int):
     f = sizes.vae_factor
     lat = max(width, height) // f
     tiles = [None] + [t for t in (64, 48, 32, 24, 16) if t < lat]
-    modes = ["materialize", "lazy"] if any(sizes.component(s).lazy for s in STAGES) else ["lazy"]
     for residency in ("all", "staged"):
-        for weights_mode in modes:
-            for chunk in (None, LAYER_CHUNK):
-                for cfg in ("batch", "split"):
-                    for tile in tiles:
-                        yield Plan(residency=residency, cfg=cfg, vae_tile=tile, weights_mode=weights_mode,
-                                   layer_chunk=chunk)
+        for chunk in (None, LAYER_CHUNK):
+            for cfg in ("batch", "split"):
+                for tile in tiles:
+                    yield Plan(residency=residency, cfg=cfg, vae_tile=tile, layer_chunk=chunk)
 
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
               sizes: ModelSizes | None = None) -> Plan:
     """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
     else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
-    that would fit when none does. With no budget, the fastest plan of all (fp16/int8 weights are then
-    converted to fp32 at load: give a budget on a small device)."""
+    that would fit when none does. With no budget: every network resident, fp16/int8 weights read from
+    the mapped file. A budget never costs more memory than no budget: the candidates never convert
+    fp16/int8 weights to fp32 at load (measured: lazy dequantization runs within the run-to-run spread of
+    fp32, README "Memory budget"); `Plan(weights_mode="materialize")` still does, when asked for."""
     if not isinstance(folder, ModelFolder):
         folder = ModelFolder.open(folder)
     sizes = sizes or ModelSizes.of(folder)
-    if budget is None:  # no limit: the fastest levers (so a budget never costs more memory than none)
-        plan = next(candidates(sizes, width, height))
-        plan.width, plan.height = width, height
+    if budget is None:
+        plan = Plan(width=width, height=height)
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
         return plan
     best, best_cost, smallest = None, None, None
