@@ -401,7 +401,8 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
     s.add_argument("--port-file", help='write {"grpc": PORT, "http": PORT, "pid": PID} here when ready')
-    s.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: the physical cores, set up once)")
     s.add_argument("--memory-budget", type=byte_size, default=None,
                    help="e.g. 1.5G: the memory planner picks the levers; sizes that cannot fit are refused")
     s.add_argument("--max-concurrency", type=positive_int, default=None,

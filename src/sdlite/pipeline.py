@@ -43,6 +43,7 @@ from .runtime.planner import Plan, SizePlans, make_plan
 from .runtime.profiler import Profiler
 from .runtime.progress import CancelFn, ProgressFn, StepReporter, cancel_check
 from .runtime.residency import Residency
+from .runtime.threads import configure_threads
 from .runtime.tiled_vae import decode_tiled
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
@@ -88,7 +89,8 @@ class Pipeline:
                         is loaded.
         plan            a ready plan instead of planning (tests, benches)
         dtype           the compute dtype of the networks (torch.float32)
-        threads         torch intra-op threads (default: torch's choice)
+        threads         torch intra-op threads (default: the physical cores this process may use; set
+                        either way, with MKL's dynamic threading off: see runtime.threads)
         profiler        records the "load" stage when every network is loaded up front
         vae             another VAE folder to decode with, e.g. TAESD (a diffusers AutoencoderTiny folder)
 
@@ -101,8 +103,7 @@ class Pipeline:
 
     @classmethod
     def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae) -> "Pipeline":
-        if threads is not None:
-            torch.set_num_threads(threads)
+        configure_threads(threads)
         if path is None:
             path = shipped_model()
             if path is None:
