@@ -6,12 +6,12 @@
 
 Public names: `Pipeline`, `GenerationRequest`, `GenerationResult`, and the errors it raises
 (`SdliteError` and its subclasses `InvalidRequest`, `ModelFolderError`, `WeightsError`, `PlanError`,
-`Cancelled`).
+`GenerationError`, `Cancelled`).
 """
 
 from typing import TYPE_CHECKING
 
-from .errors import Cancelled, InvalidRequest, ModelFolderError, PlanError, SdliteError, WeightsError
+from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError, PlanError, SdliteError, WeightsError
 
 if TYPE_CHECKING:  # for type checkers; at run time these come from __getattr__
     from .pipeline import GenerationResult, Pipeline
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # for type checkers; at run time these come from __getattr__
 __version__ = "0.1.0"
 
 __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "SdliteError", "InvalidRequest",
-           "ModelFolderError", "WeightsError", "PlanError", "Cancelled", "__version__"]
+           "ModelFolderError", "WeightsError", "PlanError", "GenerationError", "Cancelled", "__version__"]
 
 _LAZY = {"Pipeline": "pipeline", "GenerationResult": "pipeline", "GenerationRequest": "request"}
 

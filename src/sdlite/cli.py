@@ -232,6 +232,8 @@ def check_output_path(path: Path, suffix: str | None = None) -> None:
         raise CliError(f"{path}: directory {parent} is not writable")
     if path.is_dir():
         raise CliError(f"{path}: is a directory")
+    if path.is_file() and not path.stat().st_mode & 0o222:
+        raise CliError(f"{path}: is read-only; remove it or write elsewhere")
 
 
 def cmd_generate(args) -> int:
@@ -344,7 +346,7 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from .runtime.convert import convert_model
 
-    if Path(args.dst).exists():
+    if os.path.lexists(args.dst):
         raise CliError(f"{args.dst}: already exists")
     t0 = time.perf_counter()
     report = convert_model(args.src, args.dst, args.weights)
@@ -526,9 +528,18 @@ def main(argv: list[str] | None = None) -> int:
         except (CliError, SdliteError) as exc:
             print(f"sdlite: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as exc:  # a full disk, a read-only folder, a file that vanished: one line naming it
+            print(f"sdlite: error: {_os_error_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt:
             print("sdlite: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    return f"{where}: {what}" if where else what
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

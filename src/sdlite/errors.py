@@ -6,6 +6,7 @@ status code that names the bad field (the service).
       ModelFolderError     a model folder lacks a part or has an unreadable config
       InvalidRequest       a generation request has a bad field (.field names it)
       PlanError            no combination of memory levers fits the memory budget
+      GenerationError      a generation ran but gave no valid image (NaN or infinite values)
       Cancelled            a generation was cancelled between sampler steps
 """
 
@@ -37,6 +38,11 @@ class InvalidRequest(SdliteError):
 class PlanError(SdliteError):
     """No combination of memory levers fits the memory budget (the message names the smallest budget that
     would, and what else would help)."""
+
+
+class GenerationError(SdliteError):
+    """A generation ran but its result is not an image: NaN or infinite latents or pixels (from the
+    weights, the config or the arithmetic). The message names the stage where they appeared."""
 
 
 class Cancelled(SdliteError):

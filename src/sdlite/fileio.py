@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -52,18 +53,43 @@ def atomic_folder(folder: str | Path, *, replace: bool = False) -> Iterator[Path
     """Yield an empty temporary sibling of `folder` to fill; it is renamed to `folder` when the block
     completes and removed when the block raises (KeyboardInterrupt included).
 
-    Raises `FileExistsError` when `folder` exists, unless `replace` is set (then the old folder is
-    removed just before the rename)."""
+    Raises `FileExistsError` when `folder` exists (a dangling symlink included, or a folder someone else
+    created meanwhile), unless `replace` is set (then the old folder is removed just before the rename).
+    Temporary siblings left by a process that was killed (`.NAME.sdlite-PID-*` of a PID no longer running)
+    are removed first. OSError for filesystem failures (read-only, full disk), with nothing left behind."""
     folder = Path(folder)
-    if folder.exists() and not replace:
+    if os.path.lexists(folder) and not replace:
         raise FileExistsError(f"{folder}: already exists")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    _sweep_stale(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.sdlite-{os.getpid()}-", dir=folder.parent))
     try:
         yield tmp
         if replace and folder.exists():
             shutil.rmtree(folder)
+        if os.path.lexists(folder):  # created by someone else while we wrote: never replace it silently
+            raise FileExistsError(f"{folder}: was created by someone else meanwhile; nothing was written")
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_stale(folder: Path) -> None:
+    for sibling in folder.parent.glob(f".{folder.name}.sdlite-*-*"):
+        try:
+            pid = int(sibling.name[len(f".{folder.name}.sdlite-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

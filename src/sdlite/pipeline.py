@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .errors import Cancelled, InvalidRequest, ModelFolderError
+from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError
 from .fileio import read_json
 from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
@@ -235,6 +235,7 @@ class Pipeline:
             else:
                 image = vae.decode(z)
             image = image.float()
+        _check_finite(image, "decode", "pixels")
         image = (image / 2 + 0.5).clamp(0, 1)
         array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
@@ -254,7 +255,8 @@ class Pipeline:
         (1, C, height/8, width/8) replaces the seeded initial noise.
 
         Raises InvalidRequest (bad field, or steps the schedule cannot place), PlanError (this size does
-        not fit the memory budget), Cancelled (cancel was set, or the waiting caller was interrupted)."""
+        not fit the memory budget), GenerationError (NaN or infinite latents or pixels: no image is
+        returned), Cancelled (cancel was set, or the waiting caller was interrupted)."""
         request = GenerationRequest(prompt, negative_prompt, steps, cfg_scale, seed,
                                     width or self.native_size, height or self.native_size,
                                     sampler, clip_skip)
@@ -306,6 +308,7 @@ class Pipeline:
                 stages.acquire("unet")
             with StepReporter(prof, progress, is_cancelled) as on_step:
                 final = self.denoise(noise, cond, uncond, request, generator, on_step, plan)
+            _check_finite(final, "denoise", "latents")
             stages.release("unet", plan)
             # 4. the latents -> pixels
             with prof.stage("decode"):
@@ -326,6 +329,14 @@ class Pipeline:
         if latents.shape != noise.shape:
             raise InvalidRequest("latents", f"expected shape {tuple(noise.shape)}, got {tuple(latents.shape)}")
         return latents.float()
+
+
+def _check_finite(x: torch.Tensor, stage: str, what: str) -> None:
+    """A NaN or an infinity would be saved as a black (or white) image: refuse it, naming the stage."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise GenerationError(f"{stage}: the {what} hold {bad} NaN or infinite values of {x.numel()}; no image "
+                              "was made (check the model's weights and configs)")
 
 
 def request_caps(folder: ModelFolder) -> Caps:

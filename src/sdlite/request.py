@@ -77,8 +77,15 @@ def check_size(name: str, value, cap: int) -> int:
 
 
 def check_text(name: str, value, limit: int | None) -> str:
+    """A str of at most `limit` characters that is valid Unicode text (no lone surrogates, as JSON's
+    "\\ud800" or a non-UTF-8 command-line argument give)."""
     if not isinstance(value, str):
         raise InvalidRequest(name, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(name, f"is not valid Unicode text (character {exc.start} is a lone surrogate, "
+                                   "e.g. from bytes that are not UTF-8)") from None
     if limit is not None and len(value) > limit:
         raise InvalidRequest(name, f"at most {limit} characters, got {len(value)}")
     return value

@@ -486,13 +486,15 @@ def test_loadtest_command_against_both_protocols(server, capsys):
 # --- circuit breaker, signals, start-up errors: servers of their own -----------------------------------
 
 def test_circuit_breaker_opens_after_timeouts_and_half_opens(tiny_model):
-    with ServerProcess(tiny_model, *server_args("--breaker-failures", "2", "--breaker-cooldown", "2")) as s, \
+    # the server's own deadline passing is its failure; a deadline the client chose is not (see below)
+    with ServerProcess(tiny_model, *server_args("--breaker-failures", "2", "--breaker-cooldown", "2",
+                                                "--default-deadline", "0.7")) as s, \
             grpc.insecure_channel(s.grpc_target) as channel:
         stub = pb_grpc.TextToImageStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(2):
             with pytest.raises(grpc.RpcError) as exc:
-                stub.Generate(pb.GenerateRequest(**LONG), timeout=0.7)
+                stub.Generate(pb.GenerateRequest(**LONG))
             assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(grpc.RpcError) as exc:
             stub.Generate(pb.GenerateRequest(**SMALL), timeout=30)
@@ -507,6 +509,21 @@ def test_circuit_breaker_opens_after_timeouts_and_half_opens(tiny_model):
         wait_for(lambda: http_request(s, "GET", "/healthz")[0] == 200, 10, 0.1, "half-open")
         wait_idle(s)
         assert stub.Generate(pb.GenerateRequest(**SMALL), timeout=60).png
+        assert metrics(s)["sdlite_circuit_state"] == 0
+        assert stub.Generate(pb.GenerateRequest(**SMALL), timeout=60).png
+
+
+def test_client_deadlines_and_bad_text_never_open_the_circuit(tiny_model):
+    with ServerProcess(tiny_model, *server_args("--breaker-failures", "2", "--breaker-cooldown", "60")) as s, \
+            grpc.insecure_channel(s.grpc_target) as channel:
+        stub = pb_grpc.TextToImageStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Generate(pb.GenerateRequest(**LONG), timeout=0.5)   # the client's own short deadline
+            assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            status, _, r = http_request(s, "POST", "/sdapi/v1/txt2img", {"prompt": "\ud800"})  # lone surrogate
+            assert status == 422 and r["field"] == "prompt"
+        wait_idle(s)
         assert metrics(s)["sdlite_circuit_state"] == 0
         assert stub.Generate(pb.GenerateRequest(**SMALL), timeout=60).png
 

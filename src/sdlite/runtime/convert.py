@@ -10,6 +10,7 @@ The destination is written to a temporary sibling and renamed into place when co
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -79,8 +80,10 @@ def convert_model(src: str | Path, dst: str | Path, fmt: str) -> dict:
     if fmt not in FORMATS:
         raise SdliteError(f"--weights must be one of {', '.join(FORMATS)}, got {fmt!r}")
     folder = ModelFolder.open(src)
-    if Path(dst).exists():
+    if os.path.lexists(dst):
         raise SdliteError(f"{dst}: already exists")
+    if Path(dst).resolve().is_relative_to(folder.root.resolve()):
+        raise SdliteError(f"{dst}: is inside the model folder {src}; write the copy somewhere else")
     report = {}
     with ModelFolderWriter(dst) as out:
         for item in folder.root.iterdir():

@@ -43,6 +43,17 @@ INTERNAL = "internal"
 _HEALTH = {OK: True, DEADLINE_EXCEEDED: False, INTERNAL: False}
 
 
+def _health(job: "Job", error: "ServeError | None") -> bool | None:
+    """What an outcome says about the server, for the circuit breaker: True (success), False (a failure the
+    server caused: an error, or its own default deadline passing) or None (neutral: a bad field, a client's
+    cancel, or a deadline the client chose)."""
+    if error is None:
+        return True
+    if error.code == DEADLINE_EXCEEDED and job.client_deadline:
+        return None
+    return _HEALTH.get(error.code)
+
+
 class ServeError(Exception):
     """A request that ends without an image: `code` is one of the outcome names above."""
 
@@ -92,6 +103,7 @@ class Job:
         self.images: list[Image] | None = None
         self.error: ServeError | None = None
         self.stop_code: str | None = None  # set when the job must stop at its next step boundary
+        self.client_deadline = False       # the deadline is the client's choice, not the server's default
         self._done = threading.Event()
 
     @property
@@ -225,6 +237,7 @@ class Executor:
             raise ServeError(DEADLINE_EXCEEDED, "deadline already passed")
         self.check_fits(request)
         job = Job(request, n, self.deadline_for(timeout), listener)
+        job.client_deadline = timeout is not None
         with self._cond:
             if self._draining:
                 raise ServeError(UNAVAILABLE, "server is shutting down", retry_after=1.0)
@@ -264,7 +277,7 @@ class Executor:
                 return
             job.images, job.error = images, error
             job._done.set()
-        self.breaker.record(_HEALTH.get(OK if error is None else error.code))
+        self.breaker.record(_health(job, error))
         job._emit(Event("done"))
 
     # --- the slots -----------------------------------------------------------------------------
