@@ -81,11 +81,13 @@ def test_pipeline_load_without_a_path_opens_the_shipped_model():
 
 def test_serve_without_the_extra_is_one_line():
     code = ("import sys; sys.modules['grpc'] = None; sys.modules['prometheus_client'] = None; "
+            "sys.modules['uvicorn'] = None; "
             "from sdlite.cli import main; sys.exit(main(['serve']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.startswith("sdlite: error: serve needs the serve extra") and len(r.stderr.splitlines()) == 1
-    assert "prometheus_client" in r.stderr and "grpc" in r.stderr and "Traceback" not in r.stderr
+    assert "prometheus_client" in r.stderr and "grpc" in r.stderr and "uvicorn" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_loadtest_where_nothing_succeeds_exits_non_zero(capsys):

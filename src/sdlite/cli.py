@@ -465,8 +465,11 @@ def cmd_serve(args) -> int:
 
     if args.grpc_port is None and args.http_port is None:
         raise CliError("--grpc-port off and --http-port off: nothing to serve")
-    needed = ["prometheus_client"] + (["grpc", "grpc_health", "grpc_reflection", "google.protobuf"]
-                                      if args.grpc_port is not None else [])
+    needed = ["prometheus_client"]
+    if args.grpc_port is not None:
+        needed += ["grpc", "grpc_health", "grpc_reflection", "google.protobuf"]
+    if args.http_port is not None:
+        needed += ["starlette", "uvicorn"]
     missing = [name for name in needed if not _importable(name)]
     if missing:
         raise CliError(f"serve needs the serve extra, which is not installed (missing: {', '.join(missing)}): "

@@ -8,10 +8,13 @@ Layout (front ends over one execution core, no math here):
     breaker.py       CircuitBreaker: opens after N consecutive failures/timeouts, half-opens after cool-down
     metrics.py       Prometheus metrics (own registry)
     grpc_server.py   TextToImage service + standard health service + server reflection
-    http_server.py   /sdapi/v1/txt2img, /v1/images/generations, /healthz, /metrics
+    http_app.py      the HTTP API as one ASGI app (Starlette): /sdapi/v1/txt2img, /v1/images/generations,
+                     /sdapi/v1/samplers, /healthz, /metrics; mountable by other ASGI servers (Ray Serve)
+    http_server.py   that app on uvicorn in a thread: head/body deadlines, connection and request caps
     server.py        load the model once, start both front ends, signals, drain, exit
     loadtest.py      `sdlite loadtest`: concurrent closed-loop clients against a local server
     sdlite.proto     the gRPC contract; sdlite_pb2*.py are generated from it by gen_proto.sh
 
-grpcio, protobuf and prometheus-client come with the `serve` extra: `pip install sdlite[serve]`.
+grpcio, protobuf, prometheus-client, starlette and uvicorn come with the `serve` extra:
+`pip install sdlite[serve]`.
 """

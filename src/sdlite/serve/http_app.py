@@ -1,0 +1,445 @@
+"""The HTTP API as one ASGI application (Starlette), independent of the server that runs it.
+
+    app = create_app(executor, limits, defaults, metrics, model_name)
+
+`sdlite serve` runs it on uvicorn (`http_server.HttpFrontEnd`); the web page and a Ray Serve ingress mount
+the same object. Routes:
+
+    POST /sdapi/v1/txt2img        AUTOMATIC1111 fields and response shape
+    POST /v1/images/generations   OpenAI images API (prompt, n, size, response_format=b64_json)
+    GET  /sdapi/v1/samplers       A1111 sampler list
+    GET  /healthz                 200 SERVING / 503 NOT_SERVING (draining or circuit open)
+    GET  /metrics                 Prometheus text format
+
+Answers: bad field 422 (A1111, FastAPI-style `detail`) or 400 (OpenAI, `error.param`), both naming the
+field (`body` for a body that is missing, too large, chunked, late, not JSON, nested deeper than
+MAX_JSON_DEPTH or holding an integer too long to convert); queue full 429 and draining / circuit open 503,
+both with Retry-After; deadline 504; failure 500. A request's deadline is its `X-Request-Timeout` header
+(seconds) or the server's default.
+
+Nothing here blocks the event loop: a job is submitted on a worker thread (admission may consult the
+memory planner), then the handler awaits an asyncio event that the executor's listener sets when the job
+is done, together with the client's `http.disconnect`; a client that leaves has its job cancelled at once
+(it stops at its next sampler step), and a job past its deadline is cancelled the same way. The app needs
+an asyncio event loop (uvicorn's and Ray Serve's are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..errors import InvalidRequest
+from ..samplers import SAMPLER_SPECS, resolve_sampler, sampler_label
+from .execution import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    OK,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Executor,
+    ServeError,
+)
+from .fields import build_request
+
+HTTP_STATUS = {RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504, CANCELLED: 499,
+               INTERNAL: 500}
+BODY_TIMEOUT = 30.0   # seconds for a request body to arrive once its head has
+MAX_JSON_DEPTH = 64   # nesting of arrays/objects in a body (the APIs need 3)
+GET_ROUTES = ("/healthz", "/metrics", "/sdapi/v1/samplers")
+POST_ROUTES = ("/sdapi/v1/txt2img", "/v1/images/generations")
+
+
+# --- wire formats -> sdlite fields -------------------------------------------------------------------
+
+def _int_field(body: dict, name: str, default: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+    if value < 1:
+        raise InvalidRequest(name, f"must be at least 1, got {value!r}")
+    return int(value)
+
+
+def a1111_fields(body: dict) -> dict:
+    """A1111 txt2img body -> sdlite fields. Unknown A1111 fields (hires fix, face restore, scripts...)
+    are accepted and ignored, as by A1111 itself for features a build lacks."""
+    fields = {k: body.get(k) for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width",
+                                       "height")}
+    seed = body.get("seed", -1)
+    if seed is not None and seed != -1:
+        fields["seed"] = seed
+    sampler = body.get("sampler_name") or body.get("sampler_index")
+    if sampler is not None:
+        try:  # a label ("Euler a"), a name or an A1111 alias
+            fields["sampler"] = resolve_sampler(sampler)
+        except InvalidRequest as exc:
+            raise InvalidRequest("sampler_name", exc.message) from None
+    scheduler = body.get("scheduler")
+    if scheduler not in (None, "", "Automatic", "automatic"):
+        karras = SAMPLER_SPECS[fields.get("sampler", "dpm++2m")].karras_variant
+        if not isinstance(scheduler, str) or scheduler.lower() != "karras" or karras is None:
+            raise InvalidRequest("scheduler", f"unsupported scheduler {scheduler!r} for this sampler "
+                                 "(only 'Karras' with DPM++ 2M)")
+        fields["sampler"] = karras
+    overrides = body.get("override_settings")
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, dict):
+        raise InvalidRequest("override_settings", "must be an object")
+    stop_at = overrides.get("CLIP_stop_at_last_layers")
+    if stop_at is not None:
+        if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
+            raise InvalidRequest("override_settings.CLIP_stop_at_last_layers",
+                                 f"must be an integer >= 1, got {stop_at!r}")
+        fields["clip_skip"] = stop_at - 1
+    fields["n"] = _int_field(body, "batch_size", 1) * _int_field(body, "n_iter", 1)
+    return fields
+
+
+A1111_FIELD_NAMES = {"sampler": "sampler_name", "n": "batch_size",
+                     "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
+
+SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
+OPENAI_EXTENSIONS = ("negative_prompt", "steps", "cfg_scale", "seed", "sampler")
+
+
+def openai_fields(body: dict) -> dict:
+    """OpenAI images.generate body -> sdlite fields; sdlite's own knobs (negative_prompt, steps,
+    cfg_scale, seed, sampler) may be sent as extra fields (the client's `extra_body`)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequest("prompt", "a non-empty string is required")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model", "must be a string")
+    fmt = body.get("response_format")
+    if fmt not in (None, "b64_json"):
+        raise InvalidRequest("response_format", f"only 'b64_json' is supported (images are returned inline), "
+                             f"got {fmt!r}")
+    out = body.get("output_format")
+    if out not in (None, "png"):
+        raise InvalidRequest("output_format", f"only 'png' is supported, got {out!r}")
+    if body.get("stream"):
+        raise InvalidRequest("stream", "streaming is not supported over HTTP; use gRPC GenerateStream")
+    fields = {"prompt": prompt, "n": body.get("n")}
+    size = body.get("size")
+    if size not in (None, "auto"):
+        m = SIZE_RE.match(size) if isinstance(size, str) else None
+        if not m:
+            raise InvalidRequest("size", f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}")
+        fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+    for key in OPENAI_EXTENSIONS:
+        if body.get(key) is not None:
+            fields[key] = body[key]
+    return fields
+
+
+OPENAI_FIELD_NAMES = {"width": "size", "height": "size"}
+
+
+# --- plumbing --------------------------------------------------------------------------------------
+
+class JSONResponse(Response):
+    """JSON as `json.dumps` writes it, headers named as written (`Retry-After`, `Allow`): the bodies and
+    headers are those of earlier releases, for clients that match header names exactly (ASGI servers pass
+    the names through as given, though the spec asks for lower case)."""
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return json.dumps(content).encode()
+
+    def init_headers(self, headers=None) -> None:
+        self.raw_headers = [(b"Content-Type", b"application/json"),
+                            (b"Content-Length", str(len(self.body)).encode())]
+        self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+
+
+def json_response(status: int, obj, headers: dict | None = None, close: bool = False) -> JSONResponse:
+    headers = dict(headers or {})
+    if close:  # the rest of the request is not read: the connection cannot carry another one
+        headers["Connection"] = "close"
+    return JSONResponse(obj, status, headers)
+
+
+def body_error(message: str, close: bool = False) -> InvalidRequest:
+    exc = InvalidRequest("body", message)
+    exc.close_connection = close
+    return exc
+
+
+def too_deep(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays/objects nest deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body -> the JSON object it holds, or InvalidRequest('body', ...)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise body_error("not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError includes an integer too long to convert
+        raise body_error(f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise body_error("must be a JSON object")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and too_deep(body):
+        raise body_error(f"not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def client_timeout(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        t = float(value)
+        if not t > 0 or t == float("inf"):
+            raise ValueError
+    except ValueError:
+        raise InvalidRequest("X-Request-Timeout", f"must be a positive number of seconds, got {value!r}") \
+            from None
+    return t
+
+
+def error_headers(exc: ServeError) -> dict:
+    if exc.retry_after:
+        return {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return {}
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- the application -------------------------------------------------------------------------------
+
+class HttpApi:
+    """The route handlers and what they share; `create_app` wraps them in a Starlette app."""
+
+    def __init__(self, executor: Executor, limits, defaults, metrics, model_name: str,
+                 body_timeout: float = BODY_TIMEOUT):
+        self.executor, self.limits, self.defaults, self.metrics = executor, limits, defaults, metrics
+        self.model_name, self.body_timeout = model_name, body_timeout
+
+    async def read_body(self, request: Request) -> dict:
+        """The JSON object sent, or InvalidRequest('body', ...) (marked to close the connection when the
+        rest of the request is not read)."""
+        if "chunked" in request.headers.get("transfer-encoding", "").lower():
+            raise body_error("chunked bodies are not supported; send Content-Length", close=True)
+        try:
+            size = int(request.headers["content-length"])
+        except (KeyError, ValueError):
+            raise body_error("a Content-Length header is required", close=True) from None
+        if size > self.limits.max_body_bytes:
+            raise body_error(f"at most {self.limits.max_body_bytes} bytes, got {size}", close=True)
+        try:
+            raw = await asyncio.wait_for(request.body(), self.body_timeout)
+        except ClientDisconnect:
+            raise body_error("truncated", close=True) from None
+        except asyncio.TimeoutError:
+            raise body_error(f"not received within {self.body_timeout:g} s", close=True) from None
+        if len(raw) != size:
+            raise body_error("truncated", close=True)
+        return parse_json_object(raw)
+
+    async def generate(self, request: Request, fields: dict):
+        """Submit and wait; (job, images) or raises ServeError / InvalidRequest (with sdlite's field
+        name: the route renames it to its wire name)."""
+        timeout = client_timeout(request.headers.get("x-request-timeout"))
+        gen, n = build_request(fields, self.limits, self.defaults)
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+
+        def listener(event) -> None:  # on the executor's threads
+            if event.kind == "done":
+                try:
+                    loop.call_soon_threadsafe(finished.set)
+                except RuntimeError:  # the loop is closed: the server has stopped
+                    pass
+
+        admitted = []
+
+        def submit():
+            admitted.append(self.executor.submit(gen, n, timeout=timeout, listener=listener))
+            return admitted[0]
+
+        try:
+            job = await run_in_threadpool(submit)
+            await self._wait(job, finished, request.receive)
+            return job, job.outcome()
+        except ServeError as exc:
+            if exc.code == INVALID_ARGUMENT and exc.field:  # e.g. a size the memory plan cannot fit
+                raise InvalidRequest(exc.field, exc.message.split(": ", 1)[-1]) from None
+            raise
+        except BaseException:  # cancelled (server stopping) or failed: the job must not run on
+            if admitted:
+                self.executor.cancel(admitted[0], CANCELLED, "handler failed")
+            raise
+
+    async def _wait(self, job, finished: asyncio.Event, receive) -> None:
+        """Until the job is done; cancels it at its deadline or when the client disconnects."""
+        gone = asyncio.ensure_future(_until_disconnect(receive))
+        done = asyncio.ensure_future(finished.wait())
+        try:
+            while not job.done:
+                left = job.remaining()
+                if left <= 0:
+                    self.executor.cancel(job, DEADLINE_EXCEEDED, "deadline exceeded")
+                elif gone.done():
+                    self.executor.cancel(job, CANCELLED, "client disconnected")
+                else:
+                    await asyncio.wait((gone, done), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            done.cancel()
+
+    def count(self, api: str, outcome: str, job=None) -> None:
+        self.metrics.count(api, outcome)
+        if outcome == OK and job is not None:
+            self.metrics.request_seconds.labels(api).observe(time.monotonic() - job.admitted_at)
+
+    # --- routes --------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        if self.executor.serving():
+            return json_response(200, {"status": "SERVING"})
+        reason = "draining" if self.executor.draining else "circuit open"
+        return json_response(503, {"status": "NOT_SERVING", "reason": reason})
+
+    async def metrics_text(self, request: Request) -> Response:
+        body, ctype = self.metrics.exposition()
+        return Response(body, 200, {"Content-Type": ctype})
+
+    async def samplers(self, request: Request) -> Response:
+        return json_response(200, [{"name": spec.label, "aliases": [spec.name, *spec.aliases], "options": {}}
+                                   for spec in SAMPLER_SPECS.values()])
+
+    async def txt2img(self, request: Request) -> Response:
+        api = "a1111"
+        try:
+            body = await self.read_body(request)
+            job, images = await self.generate(request, a1111_fields(body))
+        except InvalidRequest as exc:
+            self.count(api, INVALID_ARGUMENT)
+            name = A1111_FIELD_NAMES.get(exc.field, exc.field)
+            return json_response(422, {"error": "invalid_argument", "field": name,
+                                       "detail": [{"loc": ["body", name], "msg": exc.message,
+                                                   "type": "value_error"}]},
+                                 close=getattr(exc, "close_connection", False))
+        except ServeError as exc:
+            self.count(api, exc.code)
+            return json_response(HTTP_STATUS.get(exc.code, 500), {"error": exc.code, "detail": exc.message},
+                                 error_headers(exc))
+        self.count(api, OK, job)
+        return json_response(200, a1111_answer(body, images, self.model_name))
+
+    async def openai(self, request: Request) -> Response:
+        api = "openai"
+        try:
+            body = await self.read_body(request)
+            job, images = await self.generate(request, openai_fields(body))
+        except InvalidRequest as exc:
+            self.count(api, INVALID_ARGUMENT)
+            name = OPENAI_FIELD_NAMES.get(exc.field, exc.field)
+            return json_response(400, {"error": {"message": f"{name}: {exc.message}",
+                                                 "type": "invalid_request_error", "param": name,
+                                                 "code": "invalid_value"}},
+                                 close=getattr(exc, "close_connection", False))
+        except ServeError as exc:
+            self.count(api, exc.code)
+            kind = {RESOURCE_EXHAUSTED: "rate_limit_error", UNAVAILABLE: "service_unavailable"}
+            return json_response(HTTP_STATUS.get(exc.code, 500),
+                                 {"error": {"message": exc.message, "type": kind.get(exc.code, "server_error"),
+                                            "param": None, "code": exc.code}},
+                                 error_headers(exc))
+        req = images[0].result.request
+        self.count(api, OK, job)
+        return json_response(200, {"created": int(time.time()), "output_format": "png",
+                                   "size": f"{req.width}x{req.height}",
+                                   "data": [{"b64_json": base64.b64encode(im.png).decode("ascii"),
+                                             "revised_prompt": None} for im in images]})
+
+
+def a1111_answer(body: dict, images, model_name: str) -> dict:
+    """The A1111 txt2img response: images, the parameters sent (with the values used) and `info`."""
+    req = images[0].result.request
+    seeds = [im.result.request.seed for im in images]
+    n = len(images)
+    info = {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
+        "subseed_strength": 0, "width": req.width, "height": req.height,
+        "sampler_name": sampler_label(req.sampler), "cfg_scale": req.cfg_scale,
+        "steps": req.steps, "batch_size": n, "restore_faces": False,
+        "sd_model_name": model_name, "clip_skip": req.clip_skip + 1,
+        "infotexts": [im.result.parameters for im in images], "styles": [], "index_of_first_image": 0,
+        "is_using_inpainting_conditioning": False, "version": "sdlite",
+        "timings": [{t.name: round(t.seconds, 4) for t in im.result.timings} for im in images],
+    }
+    parameters = dict(body)
+    parameters.update({"prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                       "steps": req.steps, "cfg_scale": req.cfg_scale, "width": req.width,
+                       "height": req.height, "seed": body.get("seed", -1),
+                       "sampler_name": sampler_label(req.sampler)})
+    send = body.get("send_images", True) is not False
+    return {"images": [base64.b64encode(im.png).decode("ascii") for im in images] if send else [],
+            "parameters": parameters, "info": json.dumps(info)}
+
+
+async def not_found(request: Request, exc) -> Response:
+    method = request.method
+    if method not in ("GET", "HEAD", "POST"):
+        return json_response(405, {"error": "method_not_allowed", "detail": f"{method} is not supported"},
+                             close=True)
+    return json_response(404, {"error": "not_found", "detail": f"no route {request.url.path}"},
+                         close=method == "POST")  # a POST's body is not read
+
+
+async def not_allowed(request: Request, exc) -> Response:
+    method = request.method
+    if method == "POST" and request.url.path in GET_ROUTES:
+        return json_response(405, {"error": "method_not_allowed", "detail": "use GET"}, {"Allow": "GET"},
+                             close=True)
+    if method in ("GET", "HEAD") and request.url.path in POST_ROUTES:
+        return json_response(405, {"error": "method_not_allowed", "detail": "use POST"}, {"Allow": "POST"})
+    return await not_found(request, exc)
+
+
+def create_app(executor: Executor, limits, defaults, metrics, model_name: str,
+               body_timeout: float = BODY_TIMEOUT) -> Starlette:
+    """The HTTP API over `executor`, as an ASGI app to run on uvicorn or mount in another app."""
+    api = HttpApi(executor, limits, defaults, metrics, model_name, body_timeout)
+    routes = [
+        Route("/sdapi/v1/txt2img", api.txt2img, methods=["POST"]),
+        Route("/v1/images/generations", api.openai, methods=["POST"]),
+        Route("/sdapi/v1/samplers", api.samplers, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/metrics", api.metrics_text, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    app.router.redirect_slashes = False  # /healthz/ is not a route (404), as before
+    app.state.api = api
+    return app
