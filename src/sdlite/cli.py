@@ -561,9 +561,11 @@ def _interruptible():
 
     def on_sigint(signum, frame):
         from .runtime.compute_thread import busy, exit_now
-        if pressed and busy():
-            print("\nsdlite: interrupted", file=sys.stderr)
-            exit_now(EXIT_INTERRUPTED)
+        if pressed:  # already stopping: leave now if torch is still busy, else let the exit finish
+            if busy():
+                print("\nsdlite: interrupted", file=sys.stderr)
+                exit_now(EXIT_INTERRUPTED)
+            return
         pressed.append(True)
         if busy():
             print("\nsdlite: stopping at the next step (Ctrl-C again to quit at once)", file=sys.stderr,
@@ -573,8 +575,8 @@ def _interruptible():
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # once interrupted, a late Ctrl-C must not turn the exit into a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN if pressed else previous)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFolderError
+from .config import MAX_CHANNELS, check_field_types, check_range, show
+
+WHERE = "text_encoder config"
+MAX_VOCAB_SIZE = 1 << 20  # CLIP's is 49408
+MAX_TEXT_LAYERS = 64  # CLIP ViT-bigG's text tower has 32
+MAX_POSITIONS = 4096  # CLIP's is 77
 
 
 @dataclass
@@ -37,9 +43,21 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def validate(self) -> None:
-        """Raise ModelFolderError for a config this port does not implement."""
+        """Raise ModelFolderError for a config this port does not implement, or whose values are of the
+        wrong type or out of range (checked once, before anything is built)."""
+        check_field_types(self, WHERE)
         if self.hidden_act not in ACTIVATIONS:
-            raise ModelFolderError(f"text_encoder config: hidden_act={self.hidden_act!r} is not supported")
+            raise ModelFolderError(f"text_encoder config: hidden_act={show(self.hidden_act)} is not supported")
+        check_range(WHERE, "vocab_size", self.vocab_size, 1, MAX_VOCAB_SIZE)
+        for name in ("hidden_size", "projection_dim"):
+            check_range(WHERE, name, getattr(self, name), 1, MAX_CHANNELS)
+        check_range(WHERE, "intermediate_size", self.intermediate_size, 1, 4 * MAX_CHANNELS)
+        check_range(WHERE, "num_hidden_layers", self.num_hidden_layers, 1, MAX_TEXT_LAYERS)
+        check_range(WHERE, "num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        check_range(WHERE, "max_position_embeddings", self.max_position_embeddings, 2, MAX_POSITIONS)
+        check_range(WHERE, "layer_norm_eps", self.layer_norm_eps, 1e-12, 1.0)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            check_range(WHERE, name, getattr(self, name), 0, MAX_VOCAB_SIZE)
         if self.hidden_size % self.num_attention_heads:
             raise ModelFolderError("text_encoder config: hidden_size must divide by num_attention_heads")
 

@@ -18,9 +18,19 @@ import torch
 from torch import nn
 
 from ..errors import ModelFolderError
+from .config import (
+    MAX_CHANNELS,
+    MAX_LAYERS_PER_BLOCK,
+    check_field_types,
+    check_latent_scaling,
+    check_length,
+    check_range,
+    show,
+)
 from .layers import check_channels
 
 CLASS_NAME = "AutoencoderTiny"
+WHERE = "taesd config"
 
 
 @dataclass
@@ -46,15 +56,29 @@ class TAESDConfig:
     block_out_channels: tuple[int, ...] | None = None  # diffusers saves the decoder's widths here too
 
     def __post_init__(self) -> None:
-        if self.block_out_channels is None:
+        if self.block_out_channels is None and isinstance(self.decoder_block_out_channels, (tuple, list)):
             self.block_out_channels = tuple(self.decoder_block_out_channels)
 
     def validate(self) -> None:
-        """Raise ModelFolderError for a config this port does not implement."""
+        """Raise ModelFolderError for a config this port does not implement, or whose values are of the
+        wrong type or out of range (checked once, before anything is built)."""
+        check_field_types(self, WHERE)
         if self.act_fn != "relu":
-            raise ModelFolderError(f"taesd config: act_fn={self.act_fn!r} is not supported (relu only)")
+            raise ModelFolderError(f"taesd config: act_fn={show(self.act_fn)} is not supported (relu only)")
         if self.upsample_fn not in ("nearest", "bilinear", "bicubic"):
-            raise ModelFolderError(f"taesd config: upsample_fn={self.upsample_fn!r} is not supported")
+            raise ModelFolderError(f"taesd config: upsample_fn={show(self.upsample_fn)} is not supported")
+        for name in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
+                     "num_decoder_blocks"):
+            check_length(WHERE, name, getattr(self, name))
+        for name in ("in_channels", "out_channels", "latent_channels", "encoder_block_out_channels",
+                     "decoder_block_out_channels", "block_out_channels"):
+            check_range(WHERE, name, getattr(self, name), 1, MAX_CHANNELS)
+        for name in ("num_encoder_blocks", "num_decoder_blocks"):
+            check_range(WHERE, name, getattr(self, name), 1, MAX_LAYERS_PER_BLOCK)
+        check_range(WHERE, "upsampling_scaling_factor", self.upsampling_scaling_factor, 1, 8)
+        check_range(WHERE, "latent_magnitude", self.latent_magnitude, 1, 1e4)
+        check_range(WHERE, "latent_shift", self.latent_shift, -1e4, 1e4)
+        check_latent_scaling(WHERE, self.scaling_factor, self.shift_factor)
         if len(self.num_decoder_blocks) != len(self.decoder_block_out_channels):
             raise ModelFolderError("taesd config: num_decoder_blocks and decoder_block_out_channels "
                                    "differ in length")

@@ -18,6 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFolderError
+from .config import (
+    MAX_CHANNELS,
+    MAX_LAYERS_PER_BLOCK,
+    MAX_SAMPLE_SIZE,
+    check_divides,
+    check_field_types,
+    check_length,
+    check_range,
+    show,
+)
 from .layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -29,6 +39,7 @@ from .layers import (
 )
 
 IntOrTuple = int | tuple[int, ...]
+WHERE = "unet config"
 
 
 @dataclass
@@ -75,7 +86,9 @@ class UNetConfig:
     dual_cross_attention: bool = False
 
     def validate(self) -> None:
-        """Raise ModelFolderError for a config this port does not implement."""
+        """Raise ModelFolderError for a config this port does not implement, or whose values are of the
+        wrong type or out of range (checked once, before anything is built)."""
+        check_field_types(self, WHERE)
         unsupported = {
             "class_embed_type": (self.class_embed_type, None),
             "addition_embed_type": (self.addition_embed_type, None),
@@ -86,8 +99,9 @@ class UNetConfig:
         }
         for name, (value, wanted) in unsupported.items():
             if value != wanted:
-                raise ModelFolderError(f"unet config: {name}={value!r} is not supported (only {wanted!r})")
+                raise ModelFolderError(f"unet config: {name}={show(value)} is not supported (only {wanted!r})")
         n = len(self.down_block_types)
+        check_length(WHERE, "down_block_types", self.down_block_types)
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
             raise ModelFolderError("unet config: down_block_types, up_block_types and "
                                    "block_out_channels must have the same length")
@@ -95,12 +109,52 @@ class UNetConfig:
         known_up = {"CrossAttnUpBlock2D", "UpBlock2D"}
         for t in self.down_block_types:
             if t not in known_down:
-                raise ModelFolderError(f"unet config: down block type {t!r} is not supported")
+                raise ModelFolderError(f"unet config: down block type {show(t)} is not supported")
         for t in self.up_block_types:
             if t not in known_up:
-                raise ModelFolderError(f"unet config: up block type {t!r} is not supported")
+                raise ModelFolderError(f"unet config: up block type {show(t)} is not supported")
         if self.mid_block_type not in (None, "UNetMidBlock2DCrossAttn"):
-            raise ModelFolderError(f"unet config: mid_block_type {self.mid_block_type!r} is not supported")
+            raise ModelFolderError(f"unet config: mid_block_type {show(self.mid_block_type)} is not supported")
+        self._validate_sizes()
+        self._validate_attention()
+
+    def _validate_sizes(self) -> None:
+        """Widths, counts and numbers in range; every width divisible by the norm groups."""
+        ch = self.block_out_channels
+        for name in ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim",
+                     "time_cond_proj_dim"):
+            check_range(WHERE, name, getattr(self, name), 1, MAX_CHANNELS)
+        check_range(WHERE, "sample_size", self.sample_size, 1, MAX_SAMPLE_SIZE)
+        self.per_block(self.layers_per_block, "layers_per_block")
+        check_range(WHERE, "layers_per_block", self.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
+        check_range(WHERE, "norm_num_groups", self.norm_num_groups, 1, MAX_CHANNELS)
+        check_divides(WHERE, "block_out_channels", ch, self.norm_num_groups, "norm_num_groups")
+        check_range(WHERE, "norm_eps", self.norm_eps, 1e-12, 1.0)
+        check_range(WHERE, "mid_block_scale_factor", self.mid_block_scale_factor, 1e-6, 1e6)
+        check_range(WHERE, "downsample_padding", self.downsample_padding, 0, 2)
+        check_range(WHERE, "freq_shift", self.freq_shift, 0, ch[0] // 2 - 1)
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            value = getattr(self, name)
+            if not (1 <= value <= 15 and value % 2 == 1):
+                raise ModelFolderError(f"unet config: {name} must be an odd number from 1 to 15, got {value}")
+
+    def _validate_attention(self) -> None:
+        """Heads and transformer depths per block; each attention width divisible by its heads."""
+        check_range(WHERE, "num_attention_heads", self.num_attention_heads, 1, MAX_CHANNELS)
+        check_range(WHERE, "attention_head_dim", self.attention_head_dim, 1, MAX_CHANNELS)
+        heads = self.per_block(self.num_attention_heads or self.attention_head_dim, "attention_head_dim")
+        self.per_block(self.transformer_layers_per_block, "transformer_layers_per_block")
+        check_range(WHERE, "transformer_layers_per_block", self.transformer_layers_per_block, 1,
+                    MAX_LAYERS_PER_BLOCK)
+        self.per_block(self.only_cross_attention, "only_cross_attention")
+        name = "num_attention_heads" if self.num_attention_heads else "attention_head_dim"
+        ch = self.block_out_channels
+        with_attention = [i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"]
+        with_attention += [len(ch) - 1 - i for i, t in enumerate(self.up_block_types) if t == "CrossAttnUpBlock2D"]
+        if self.mid_block_type is not None:
+            with_attention.append(len(ch) - 1)
+        for i in sorted(set(with_attention)):
+            check_divides(WHERE, f"block_out_channels[{i}]", (ch[i],), heads[i], f"{name}[{i}]")
 
     def per_block(self, value, name: str) -> tuple:
         """`value` for each down block: a scalar repeated, or a sequence of the right length."""

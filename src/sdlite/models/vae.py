@@ -16,7 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFolderError
+from .config import (
+    MAX_CHANNELS,
+    MAX_LAYERS_PER_BLOCK,
+    MAX_SAMPLE_SIZE,
+    check_divides,
+    check_field_types,
+    check_latent_scaling,
+    check_length,
+    check_range,
+    show,
+)
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_channels
+
+WHERE = "vae config"
 
 
 @dataclass
@@ -41,15 +54,27 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def validate(self) -> None:
-        """Raise ModelFolderError for a config this port does not implement."""
+        """Raise ModelFolderError for a config this port does not implement, or whose values are of the
+        wrong type or out of range (checked once, before anything is built)."""
+        check_field_types(self, WHERE)
         if self.act_fn != "silu":
-            raise ModelFolderError(f"vae config: act_fn={self.act_fn!r} is not supported")
+            raise ModelFolderError(f"vae config: act_fn={show(self.act_fn)} is not supported")
         if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
-            raise ModelFolderError(f"vae config: down_block_types {self.down_block_types} not supported")
+            raise ModelFolderError(f"vae config: down_block_types {show(self.down_block_types)} not supported")
         if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
-            raise ModelFolderError(f"vae config: up_block_types {self.up_block_types} not supported")
-        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ModelFolderError(f"vae config: up_block_types {show(self.up_block_types)} not supported")
+        check_length(WHERE, "block_out_channels", self.block_out_channels)
+        if len(self.down_block_types) != len(self.block_out_channels) or \
+                len(self.up_block_types) != len(self.block_out_channels):
             raise ModelFolderError("vae config: block types and block_out_channels differ in length")
+        for name in ("in_channels", "out_channels", "latent_channels", "block_out_channels"):
+            check_range(WHERE, name, getattr(self, name), 1, MAX_CHANNELS)
+        check_range(WHERE, "layers_per_block", self.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)
+        check_range(WHERE, "norm_num_groups", self.norm_num_groups, 1, MAX_CHANNELS)
+        check_divides(WHERE, "block_out_channels", self.block_out_channels, self.norm_num_groups,
+                      "norm_num_groups")
+        check_range(WHERE, "sample_size", self.sample_size, 1, MAX_SAMPLE_SIZE)
+        check_latent_scaling(WHERE, self.scaling_factor, self.shift_factor)
 
 
 class UNetMidBlock2D(nn.Module):

@@ -15,11 +15,13 @@ from torch import nn
 
 from ..errors import ModelFolderError
 from ..models.clip_text import CLIPTextConfig, CLIPTextModel
-from ..models.config import load_config
+from ..models.config import load_config, show
 from ..models.taesd import CLASS_NAME as TAESD_CLASS
 from ..models.taesd import AutoencoderTiny, TAESDConfig
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
+from ..samplers.schedule import check_scheduler_config
+from ..tokenizer.clip import max_token_id
 from ..weights.model_folder import ModelFolder, read_json
 from ..weights.state_dict import ComponentWeights, load_component_weights, load_into
 from .lazy_weights import SCALE_SUFFIX, dequantize, prepare_stored_weight, swap_layers
@@ -124,9 +126,9 @@ def vae_config(folder: ModelFolder) -> VAEConfig | TAESDConfig:
     path = folder.component("vae") / "config.json"
     data = read_json(path)
     name = data.get("_class_name", "AutoencoderKL")
-    cls = VAE_CLASSES.get(name)
+    cls = VAE_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ModelFolderError(f"{path}: VAE class {name!r} is not supported "
+        raise ModelFolderError(f"{path}: VAE class {show(name)} is not supported "
                                f"(supported: {', '.join(VAE_CLASSES)})")
     return load_config(cls, path, data)
 
@@ -139,10 +141,36 @@ def text_config(folder: ModelFolder) -> CLIPTextConfig:
     return load_config(CLIPTextConfig, folder.component("text_encoder") / "config.json")
 
 
+def check_folder(folder: ModelFolder) -> None:
+    """Every config of the folder read and checked (types, ranges, shapes this port builds), and the parts
+    checked against each other, before any network is built or any weight read: the UNet's, the VAE's and
+    the text encoder's config.json, the scheduler's config, and the tokenizer's files against the text
+    encoder (every id the tokenizer can emit below the encoder's vocab_size).
+    Raises ModelFolderError naming the file. `check_vae_matches` runs it, so `sdlite info`, `generate`,
+    the service and `Pipeline.load` all refuse the same folders."""
+    unet_config(folder)
+    vae_config(folder)
+    text = text_config(folder)
+    scheduler_path = folder.component("scheduler") / "scheduler_config.json"
+    try:
+        check_scheduler_config(read_json(scheduler_path))
+    except ModelFolderError as exc:
+        message = str(exc)
+        raise ModelFolderError(message if message.startswith(str(scheduler_path))
+                               else f"{scheduler_path}: {message}") from None
+    tokenizer_dir = folder.component("tokenizer")
+    max_id = max_token_id(tokenizer_dir)
+    if max_id >= text.vocab_size:
+        raise ModelFolderError(
+            f"{folder.component('text_encoder') / 'config.json'}: vocab_size is {text.vocab_size}, but the "
+            f"tokenizer ({tokenizer_dir}) emits ids up to {max_id}: the text encoder does not fit this tokenizer")
+
+
 def check_vae_matches(folder: ModelFolder) -> None:
     """The VAE (the model's own, or one given instead) must read the latents this UNet makes, and a VAE
     given instead must scale them as the model's own does (else images come out at another size than
-    asked). Raises ModelFolderError."""
+    asked). Runs `check_folder` first, so every config is checked. Raises ModelFolderError."""
+    check_folder(folder)
     unet, vae = unet_config(folder), vae_config(folder)
     if vae.latent_channels != unet.out_channels:
         raise ModelFolderError(f"{folder.component('vae')}: this VAE decodes {vae.latent_channels}-channel "

@@ -112,19 +112,115 @@ _SUPPORTED = {
 }
 
 
+#: Generous bound on the training schedule's length (SD's is 1000): it sizes tensors built per request.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+_BOOL_KEYS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "lower_order_final",
+              "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+              "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+_STR_KEYS = ("beta_schedule", "prediction_type", "timestep_spacing", "algorithm_type", "solver_type",
+             "final_sigmas_type", "interpolation_type", "timestep_type")
+# key -> (lowest, highest, whether the bounds themselves are allowed); None: no such bound
+_FLOAT_RANGES = {
+    "beta_start": (0.0, 1.0, False),
+    "beta_end": (0.0, 1.0, False),
+    "clip_sample_range": (0.0, None, False),
+    "timestep_scaling": (0.0, 1e6, False),
+    "sigma_min": (0.0, None, False),
+    "sigma_max": (0.0, None, False),
+    "lambda_min_clipped": (None, None, True),  # diffusers' default is -inf (written "-Infinity")
+}
+_NULLABLE = ("sigma_min", "sigma_max", "variance_type", "trained_betas")
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and not math.isnan(value)
+
+
+def _check_int(config: dict, key: str, lo: int, hi: int) -> None:
+    if key in config and not (_is_int(config[key]) and lo <= config[key] <= hi):
+        raise ModelFolderError(f"scheduler config: {key} must be an integer from {lo} to {hi}, "
+                               f"got {_short(config[key])}")
+
+
+def _check_float(key: str, value, lo, hi, inclusive: bool) -> None:
+    ok = _is_number(value) and value != math.inf and (inclusive or value != -math.inf)
+    if ok and lo is not None:
+        ok = value >= lo if inclusive else value > lo
+    if ok and hi is not None:
+        ok = value <= hi if inclusive else value < hi
+    if not ok:
+        bounds = f" in ({lo}, {hi})" if lo is not None and hi is not None else (f" above {lo}" if lo is not None
+                                                                                  else " (not NaN or +Infinity)")
+        raise ModelFolderError(f"scheduler config: {key} must be a number{bounds}, got {_short(value)}")
+
+
+def _check_trained_betas(betas, n: int) -> None:
+    if not isinstance(betas, list) or len(betas) != n:
+        raise ModelFolderError(f"scheduler config: trained_betas must be null or a list of num_train_timesteps={n} "
+                               f"numbers, got {_short(betas)}")
+    for b in betas:
+        if not (_is_number(b) and 0 < b < 1):
+            raise ModelFolderError(f"scheduler config: trained_betas must lie in (0, 1), got {_short(b)}")
+
+
+def check_scheduler_config(config: dict) -> None:
+    """Type- and range-check the keys of a scheduler config that sdlite's samplers read (those present;
+    others are ignored): integers are integers (not bools or floats), flags true/false, numbers finite and
+    in range, `num_train_timesteps` at most `MAX_TRAIN_TIMESTEPS`. Raises ModelFolderError. Values that are
+    well-formed but not implemented are `resolve_config`'s to refuse (they depend on the sampler)."""
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"scheduler config: expected a JSON object, got {type(config).__name__}")
+    _check_int(config, "num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS)
+    n = config.get("num_train_timesteps", _COMMON["num_train_timesteps"])
+    _check_int(config, "steps_offset", 0, n - 1)
+    _check_int(config, "solver_order", 1, 3)
+    _check_int(config, "original_inference_steps", 1, n)
+    for key in _BOOL_KEYS:
+        if key in config and type(config[key]) is not bool:
+            raise ModelFolderError(f"scheduler config: {key} must be true or false, got {_short(config[key])}")
+    for key in (*_STR_KEYS, "variance_type"):
+        value = config.get(key)
+        if key in config and not isinstance(value, str) and not (value is None and key in _NULLABLE):
+            raise ModelFolderError(f"scheduler config: {key} must be a string, got {_short(value)}")
+    for key, (lo, hi, inclusive) in _FLOAT_RANGES.items():
+        if key in config and not (config[key] is None and key in _NULLABLE):
+            _check_float(key, config[key], lo, hi, inclusive)
+    if config.get("trained_betas") is not None:
+        _check_trained_betas(config["trained_betas"], n)
+    used = config.get("_use_default_values", [])
+    if not isinstance(used, list) or not all(isinstance(k, str) for k in used):
+        raise ModelFolderError(f"scheduler config: _use_default_values must be a list of key names, "
+                               f"got {_short(used)}")
+
+
 def resolve_config(class_name: str, config: dict, **forced) -> dict:
     """The config diffusers' `class_name.from_config(config, **forced)` would run with (the keys we use).
 
     Keys listed in `_use_default_values` (diffusers writes that list into a loaded scheduler's config) are
     dropped first, as `from_config` does, so they too take `class_name`'s defaults. `forced` overrides both.
-    Raises ModelFolderError for a value sdlite's samplers do not implement (see `_SUPPORTED`), KeyError for a
-    class_name not in `DEFAULTS`.
+    Raises ModelFolderError for a malformed value (`check_scheduler_config`, on the config and on the result)
+    or one sdlite's samplers do not implement (see `_SUPPORTED`), KeyError for a class_name not in `DEFAULTS`.
     """
     defaults = DEFAULTS[class_name]
+    check_scheduler_config(config)
     from_defaults = set(config.get("_use_default_values", ()))
     cfg = dict(defaults)
     cfg.update({k: v for k, v in config.items() if k in defaults and k not in from_defaults})
     cfg.update(forced)
+    check_scheduler_config(cfg)
     for key, allowed in _SUPPORTED.items():
         if key in cfg and cfg[key] not in allowed:
             raise ModelFolderError(

@@ -19,6 +19,7 @@ become their special ids, as in transformers.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from ..errors import ModelFolderError
-from ..fileio import read_json
+from ..fileio import MAX_TOKENIZER_BYTES, open_regular_file, read_bytes, read_json
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -36,6 +37,9 @@ END_OF_WORD = "</w>"
 DEFAULT_MAX_LENGTH = 77
 # transformers writes int(1e30) as model_max_length when a tokenizer has none; treat such values as "none".
 _UNSET_MAX_LENGTH = 10**6
+# token ids are 32-bit in the tokenizers library; no real vocabulary comes near this
+MAX_TOKEN_ID = 2**31 - 1
+_MERGES = "the tokenizer merges (merges.txt)"
 
 CLIP_SPLIT_PATTERN = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -140,10 +144,7 @@ class ClipTokenizer:
         # As transformers adds them: added_tokens_decoder's entries, then bos, eos, unk, pad. A token keeps its
         # vocab id (or takes the next free id, in first-seen order); when the same text comes twice, the last
         # one's matching flags win.
-        specials: dict[str, SpecialToken] = {}
-        for special in [*added_tokens, *roles.values()]:
-            specials[special.content] = special
-        tok.add_special_tokens([s.added_token() for s in specials.values()])
+        tok.add_special_tokens([s.added_token() for s in _specials(added_tokens, roles.values())])
         self._tokenizer = tok
 
         self.bos_token, self.eos_token = roles["bos"].content, roles["eos"].content
@@ -157,34 +158,15 @@ class ClipTokenizer:
 
     @classmethod
     def from_folder(cls, tokenizer_dir: str | Path) -> "ClipTokenizer":
-        """Load ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``)."""
+        """Load ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``).
+        Raises ModelFolderError (one line, naming the file) for a missing, oversized or malformed file."""
         folder = Path(tokenizer_dir)
-        if not folder.is_dir():
-            raise ModelFolderError(f"tokenizer folder not found: {folder}")
-        vocab = _read_vocab(folder / "vocab.json")
+        vocab, settings = _read_settings(folder)
         merges = _read_merges(folder / "merges.txt", vocab)
-        config = _read_optional_json(folder / "tokenizer_config.json")
-        special_map = _read_optional_json(folder / "special_tokens_map.json")
-
         try:
-            added, roles = _special_tokens(config, special_map)
-            sides = {}
-            for key in ("padding_side", "truncation_side"):
-                sides[key] = config.get(key, "right")
-                if sides[key] not in ("left", "right"):
-                    raise ValueError(f"tokenizer_config.json: {key} must be 'left' or 'right', got {sides[key]!r}")
-            max_length = _max_length(config)
-        except ValueError as e:
-            raise ModelFolderError(f"{folder}: {e}") from None
-
-        # An added token whose content is in the vocab keeps its vocab id; those must exist for bos/eos.
-        for key in ("bos_token", "eos_token"):
-            if roles[key].content not in vocab:
-                raise ModelFolderError(f"{folder / 'vocab.json'}: has no entry for the {key} {roles[key].content!r}")
-        return cls(
-            vocab, merges, max_length=max_length, bos_token=roles["bos_token"], eos_token=roles["eos_token"],
-            unk_token=roles["unk_token"], pad_token=roles["pad_token"], added_tokens=added, **sides,
-        )
+            return cls(vocab, merges, **settings)
+        except Exception as e:  # the tokenizers library's own refusals (it raises plain Exception)
+            raise ModelFolderError(f"{folder}: the tokenizer files do not make a tokenizer: {_one_line(e)}") from None
 
     # ------------------------------------------------------------------ encoding
 
@@ -262,6 +244,70 @@ def _special_tokens(config: dict, special_map: dict) -> tuple[list[SpecialToken]
     return added, roles
 
 
+def _specials(added_tokens, roles) -> list[SpecialToken]:
+    """The special tokens as transformers adds them: added_tokens_decoder's entries, then bos, eos, unk, pad;
+    when the same text comes twice, the last one's matching flags win (first-seen order kept)."""
+    specials: dict[str, SpecialToken] = {}
+    for special in [*added_tokens, *roles]:
+        specials[special.content] = special
+    return list(specials.values())
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _read_settings(folder: Path) -> tuple[dict[str, int], dict]:
+    """(vocab.json, the keyword arguments of `ClipTokenizer` but the merges) read from a tokenizer folder."""
+    if not folder.is_dir():
+        raise ModelFolderError(f"tokenizer folder not found: {folder}")
+    vocab = _read_vocab(folder / "vocab.json")
+    config = _read_optional_json(folder / "tokenizer_config.json")
+    special_map = _read_optional_json(folder / "special_tokens_map.json")
+    try:
+        added, roles = _special_tokens(config, special_map)
+        sides = {}
+        for key in ("padding_side", "truncation_side"):
+            sides[key] = config.get(key, "right")
+            if sides[key] not in ("left", "right"):
+                raise ValueError(f"tokenizer_config.json: {key} must be 'left' or 'right', got {sides[key]!r}")
+        max_length = _max_length(config)
+    except ValueError as e:
+        raise ModelFolderError(f"{folder}: {e}") from None
+    # An added token whose content is in the vocab keeps its vocab id; those must exist for bos/eos.
+    for key in ("bos_token", "eos_token"):
+        if roles[key].content not in vocab:
+            raise ModelFolderError(f"{folder / 'vocab.json'}: has no entry for the {key} {roles[key].content!r}")
+    return vocab, dict(max_length=max_length, bos_token=roles["bos_token"], eos_token=roles["eos_token"],
+                       unk_token=roles["unk_token"], pad_token=roles["pad_token"], added_tokens=added, **sides)
+
+
+def max_token_id(tokenizer_dir: str | Path) -> int:
+    """The largest token id the tokenizer in `tokenizer_dir` can emit (a text encoder must take ids below
+    its vocab_size). Reads vocab.json and the token configs; of merges.txt (merges only combine vocab
+    entries) only checks that it is a regular file within the size limit, without parsing it, so it is
+    cheap. Raises ModelFolderError as `ClipTokenizer.from_folder` does."""
+    folder = Path(tokenizer_dir)
+    vocab, settings = _read_settings(folder)
+    merges = folder / "merges.txt"
+    with open_regular_file(merges, _MERGES) as f:
+        size = os.fstat(f.fileno()).st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelFolderError(f"{merges}: {_MERGES} is {size} bytes, more than the {MAX_TOKENIZER_BYTES}-byte "
+                               "limit for this kind of file")
+    roles = [settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    roles = [r if isinstance(r, SpecialToken) else SpecialToken(r) for r in roles]
+    specials = _specials(settings["added_tokens"], roles)
+    try:  # the ids the tokenizers library gives added tokens that are not in vocab.json
+        tok = Tokenizer(BPE(vocab=dict(vocab), merges=[], unk_token=roles[2].content))
+        tok.add_special_tokens([s.added_token() for s in specials])
+        ids = [tok.token_to_id(s.content) for s in specials]
+    except Exception as e:
+        raise ModelFolderError(f"{folder}: the tokenizer files do not make a tokenizer: {_one_line(e)}") from None
+    return max([*vocab.values(), *(i for i in ids if i is not None)])
+
+
 def _max_length(config: dict) -> int:
     """tokenizer_config.json's model_max_length (77 when unset, or set to transformers' 'very large')."""
     max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH)
@@ -285,13 +331,14 @@ def _read_optional_json(path: Path) -> dict:
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
-    vocab = read_json(path, "the tokenizer vocabulary (vocab.json)", want_object=False)
+    vocab = read_json(path, "the tokenizer vocabulary (vocab.json)", want_object=False, limit=MAX_TOKENIZER_BYTES)
     if not isinstance(vocab, dict) or not vocab:
         raise ModelFolderError(f"{path}: expected a non-empty JSON object of token -> id")
     ids = set()
     for token, index in vocab.items():
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise ModelFolderError(f"{path}: token {token!r} has id {index!r}, expected an integer >= 0")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_TOKEN_ID:
+            raise ModelFolderError(
+                f"{path}: token {token[:60]!r} has id {index!r}, expected an integer from 0 to {MAX_TOKEN_ID}")
         ids.add(index)
     if len(ids) != len(vocab):
         raise ModelFolderError(f"{path}: two tokens share an id")
@@ -300,12 +347,12 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
     """Parse merges.txt as the ``tokenizers`` library does: skip ``#version`` lines, then ``left right`` per line."""
+    raw = read_bytes(path, _MERGES, limit=MAX_TOKENIZER_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelFolderError(f"{path}: the tokenizer merges (merges.txt) are missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{path}: cannot read the tokenizer merges: {e}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{path}: cannot read the tokenizer merges: not UTF-8 ({e.reason} at byte {e.start})"
+                               ) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

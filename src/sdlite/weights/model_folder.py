@@ -65,7 +65,7 @@ class ModelFolder:
                 f"{root}: is a file; single-file checkpoints are not supported yet, give a diffusers "
                 "model folder (with model_index.json)")
         index_path = root / "model_index.json"
-        if not index_path.is_file():
+        if not index_path.exists():  # present but not a regular file: read_json says so
             raise ModelFolderError(f"{root}: not a diffusers model folder (no model_index.json)")
         replaced = ()
         if vae is not None:
@@ -73,13 +73,13 @@ class ModelFolder:
             if not vae.is_dir():
                 what = "is a file" if vae.exists() else "no such folder"
                 raise ModelFolderError(f"{vae}: {what}; --vae takes a VAE folder (config.json and weights)")
-            if not (vae / "config.json").is_file():
+            if not (vae / "config.json").exists():
                 raise ModelFolderError(f"{vae}: not a VAE folder (no config.json)")
             replaced = (("vae", vae),)
         folder = cls(root, read_json(index_path), replaced)
         for part in REQUIRED:
             cfg = folder.component(part) / CONFIG_FILE[part]
-            if not cfg.is_file():
+            if not cfg.exists():  # present but not a regular file: refused when read
                 raise ModelFolderError(f"{root}: missing {part}/{CONFIG_FILE[part]}")
         return folder
 

@@ -6,6 +6,13 @@ Layout of a safetensors file::
     N bytes   UTF-8 JSON object {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}
     ...       data section; offsets are relative to its start (byte 8 + N)
 
+The header is checked as strictly as the official library checks it (its `Metadata::validate`), and a bit
+more: valid UTF-8 JSON without NaN/Infinity or lone surrogates, integers that fit, known dtypes, shapes
+whose byte length matches their range and that torch can hold (no dimension, size or stride past int64),
+and ranges that tile the data section exactly: no overlap, no gap, no bytes before the first tensor or
+after the last (zero-byte tensors may sit anywhere inside it). BOOL tensors are checked for bytes other
+than 0/1 when they are read. Only regular files are opened (see `sdlite.fileio.open_regular_file`).
+
 `open_safetensors` maps the file with ``ACCESS_READ`` and hands out tensors that are zero-copy
 ``torch.frombuffer`` views of the mapping, so their pages are page cache of the file (reclaimable, shared,
 charged as "file" not "anon") and loading a 1 GB file costs no 1 GB heap copy.
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlite.errors import WeightsError
+from sdlite.fileio import has_lone_surrogate, open_regular_file
 
 __all__ = [
     "DTYPES",
@@ -61,8 +69,8 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         DTYPES[_name] = getattr(torch, _attr)
 _NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 
-#: Headers larger than this are rejected as corrupt (the official library uses the same bound).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Headers larger than this are rejected as corrupt (the official library's bound, 100 MB).
+MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,23 @@ def _is_int(x: object) -> bool:
     return type(x) is int  # not bool, which is an int subclass
 
 
-def _parse_header(path: str, raw: bytes, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Validate a header strictly; return (entries in header order, metadata)."""
+def _header_int(text: str) -> int | float:
+    """A JSON integer literal of the header: at most 20 digits (u64), and "-0" read as the float -0.0,
+    as the official library's JSON parser does (so it is refused where an integer is needed)."""
+    if text == "-0":
+        return -0.0
+    if len(text.lstrip("-")) > 20:
+        raise ValueError(f"integer literal of {len(text.lstrip('-'))} digits is out of range")
+    return int(text)
 
-    def bad(problem: str) -> WeightsError:
-        return WeightsError(f"{path}: corrupt safetensors header: {problem}")
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_header_json(bad: Callable[[str], WeightsError], raw: bytes) -> dict:
+    """The header's JSON object, parsed as strictly as the official library does: UTF-8, no NaN or
+    Infinity, integers that fit 64 bits, no lone surrogates in strings; and no duplicate keys."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -116,12 +135,28 @@ def _parse_header(path: str, raw: bytes, data_len: int) -> tuple[dict[str, Tenso
         return out
 
     try:
-        header = json.loads(text, object_pairs_hook=no_duplicates)
+        header = json.loads(text, object_pairs_hook=no_duplicates, parse_int=_header_int,
+                            parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise bad(f"header is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise bad("header is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise bad(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad(f"header is a JSON {type(header).__name__}, expected an object")
+    if (b"\\ud" in raw or b"\\uD" in raw) and has_lone_surrogate(header):
+        raise bad("a name or string holds a lone UTF-16 surrogate escape (not valid UTF-8)")
+    return header
 
+
+def _parse_header(path: str, raw: bytes, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a header strictly; return (entries in header order, metadata)."""
+
+    def bad(problem: str) -> WeightsError:
+        return WeightsError(f"{path}: corrupt safetensors header: {problem}")
+
+    header = _load_header_json(bad, raw)
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -129,12 +164,56 @@ def _parse_header(path: str, raw: bytes, data_len: int) -> tuple[dict[str, Tenso
         raise bad("__metadata__ must be an object of string values")
 
     entries = {name: _check_entry(bad, path, name, entry, data_len) for name, entry in header.items()}
-    # Overlaps: sort non-empty ranges by start; each must begin at or after the previous one's end.
+    _check_layout(bad, path, entries, data_len)
+    return entries, metadata
+
+
+def _check_layout(bad: Callable[[str], WeightsError], path: str, entries: dict[str, TensorInfo],
+                  data_len: int) -> None:
+    """As the format requires (and the official library checks): the tensors' byte ranges cover the data
+    section exactly, from its first byte to its last, without overlaps, gaps or bytes left over.
+    Zero-byte tensors read nothing and may sit at any offset inside the data section."""
     ranges = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
     for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
         if b1 < e0:
             raise bad(f"tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap")
-    return entries, metadata
+    pos = 0
+    for begin, end, name in ranges:
+        if begin != pos:
+            where = "at the start of the data section" if pos == 0 else "between tensors"
+            raise bad(f"{begin - pos} unused bytes {where}: tensor {name!r} begins at data byte {begin}, "
+                      f"expected {pos} (tensors must cover the data section without gaps)")
+        pos = end
+    if pos != data_len:
+        raise WeightsError(
+            f"{path}: {data_len - pos} trailing bytes after the last tensor (the tensors end at data byte "
+            f"{pos}, the data section holds {data_len}): corrupt or not a safetensors file"
+        )
+
+
+#: Dimensions, element counts, byte sizes and strides must fit torch's int64.
+_INT64_LIMIT = 2**63
+
+
+def _shape_problem(shape: list[int], itemsize: int) -> str | None:
+    """Why torch cannot make a tensor of `shape`, or None: as torch checks, a dimension, the byte size and
+    every contiguous stride must stay below 2**63, and the running product of the sizes (left to right,
+    as torch sizes the storage, in 64 unsigned bits) below 2**64."""
+    if any(d >= _INT64_LIMIT for d in shape):
+        return "has a dimension of 2**63 or more"
+    size = 1
+    for d in shape:
+        size *= d
+        if size >= 2 * _INT64_LIMIT:
+            return "has 2**64 elements or more (counted as torch does, left to right)"
+    if size * itemsize >= _INT64_LIMIT:
+        return "holds 2**63 bytes or more"
+    stride = 1
+    for d in reversed(shape[1:]):  # contiguous strides as torch computes them (an empty dim counts as 1)
+        stride *= max(d, 1)
+        if stride >= _INT64_LIMIT:
+            return "has strides that overflow int64"
+    return None
 
 
 def _check_entry(bad: Callable[[str], WeightsError], path: str, name: str, entry: object,
@@ -152,6 +231,10 @@ def _check_entry(bad: Callable[[str], WeightsError], path: str, name: str, entry
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise bad(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    dtype = DTYPES[dtype_name]
+    problem = _shape_problem(shape, _itemsize(dtype))
+    if problem:
+        raise bad(f"{where}: shape {shape} {problem}")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -166,7 +249,6 @@ def _check_entry(bad: Callable[[str], WeightsError], path: str, name: str, entry
             f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {end} "
             f"but the data section holds only {data_len} bytes"
         )
-    dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * _itemsize(dtype)
     if end - begin != expected:
         raise bad(
@@ -259,6 +341,8 @@ class SafetensorsFile(Mapping):
         # A fresh slice memoryview per tensor: torch keeps a reference to it, and while it lives the mmap
         # cannot be closed (mmap.close() raises BufferError), so no tensor can ever point at unmapped memory.
         view = memoryview(self._mm)[start:start + e.nbytes]
+        if e.dtype == torch.bool:
+            self._check_bool(e, view)
         if self._aligned(e):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -304,43 +388,54 @@ class SafetensorsFile(Mapping):
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
+    def _check_bool(self, e: TensorInfo, view: memoryview) -> None:
+        """A BOOL tensor's bytes must be 0 or 1 (any other byte is not a valid torch.bool)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+        if bool((raw > 1).any()):
+            index = int((raw > 1).nonzero()[0])
+            raise WeightsError(f"{self.path}: corrupt safetensors data: BOOL tensor {e.name!r} holds the byte "
+                               f"{int(raw[index])} at element {index} (only 0 and 1 are booleans)")
+
     def _aligned(self, e: TensorInfo) -> bool:
         # The mapping starts on a page boundary, so file offsets and addresses have the same alignment.
         return (self._data_start + e.begin) % _itemsize(e.dtype) == 0
 
 
+def _read_header(path: str, f) -> tuple[int, bytes]:
+    """(file size, header bytes) of the open file `f`, after the checks on the header length."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise WeightsError(f"{path}: file is empty, not a safetensors file")
+    if size < 8:
+        raise WeightsError(f"{path}: file is {size} bytes, shorter than the 8-byte safetensors header length")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES:
+        raise WeightsError(
+            f"{path}: corrupt safetensors header: header length {n} bytes is absurd "
+            f"(limit {MAX_HEADER_BYTES}); not a safetensors file?"
+        )
+    if n > size - 8:
+        raise WeightsError(
+            f"{path}: header length {n} is larger than the file ({size} bytes): "
+            "truncated or not a safetensors file"
+        )
+    raw = f.read(n)
+    if len(raw) != n:  # file shrank under us
+        raise WeightsError(f"{path}: truncated safetensors file while reading the header")
+    return size, raw
+
+
 def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     """Validate `path`'s header and map it read-only. Raises `WeightsError` naming the file and problem."""
     path = os.fspath(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path}: is a directory, expected a .safetensors file") from None
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot open: {e.strerror or e}") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise WeightsError(f"{path}: file is empty, not a safetensors file")
-        if size < 8:
-            raise WeightsError(f"{path}: file is {size} bytes, shorter than the 8-byte safetensors header length")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise WeightsError(
-                f"{path}: corrupt safetensors header: header length {n} bytes is absurd "
-                f"(limit {MAX_HEADER_BYTES}); not a safetensors file?"
-            )
-        if n > size - 8:
-            raise WeightsError(
-                f"{path}: header length {n} is larger than the file ({size} bytes): "
-                "truncated or not a safetensors file"
-            )
-        raw = f.read(n)
-        if len(raw) != n:  # file shrank under us
-            raise WeightsError(f"{path}: truncated safetensors file while reading the header")
-        data_start = 8 + n
+    with open_regular_file(path, error=WeightsError) as f:
+        try:
+            size, raw = _read_header(path, f)
+        except OSError as e:
+            raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
+        data_start = 8 + len(raw)
         entries, metadata = _parse_header(path, raw, size - data_start)
         mm = None
         if size > data_start:
@@ -348,6 +443,9 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise WeightsError(f"{path}: cannot memory-map: {e}") from None
+            if len(mm) < size:  # the file shrank since it was checked: its tail would fault on access
+                mm.close()
+                raise WeightsError(f"{path}: truncated safetensors file (it shrank while being opened)")
     return SafetensorsFile(path, entries, metadata, mm, data_start)
 
 

@@ -321,8 +321,8 @@ def load_component_weights(folder: str | os.PathLike, *, variant: str | None = N
         raise WeightsError(f"{folder}: {what}")
     for name, is_index in _candidates(variant):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
+        if not os.path.lexists(path):
+            continue  # present but not a regular file (a FIFO, a folder, a dangling link): refused on open
         if is_index:
             return _load_index(folder, path)
         f = open_safetensors(path)
