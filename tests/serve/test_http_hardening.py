@@ -193,15 +193,18 @@ def test_hostile_json_is_a_named_body_error(server, body):
 
 
 def test_body_over_the_limit_is_422_and_closed(server):
+    # the answer comes from Content-Length alone; only the body's start is sent, since a server that
+    # closes while the client still writes makes the client's kernel drop the answer (a TCP reset)
     limit = Limits().max_body_bytes
     body = b'{"prompt": "' + b"x" * limit + b'"}'
+    start = body[:65536]
     answer = raw_exchange(server.http_port, b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n"
-                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + start)
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 422 ") and b"connection: close" in head.lower()
     assert json.loads(payload)["field"] == "body"
     answer = raw_exchange(server.http_port, b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
-                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + start)
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and json.loads(payload)["error"]["param"] == "body"
     status, _, r = request(server.http_port, "POST", "/sdapi/v1/txt2img", SMALL)  # still serving
