@@ -53,6 +53,7 @@ HEAD_TIMEOUT = 10.0          # seconds for a request head to arrive
 KEEP_ALIVE = 5               # seconds an idle keep-alive connection is kept
 MAX_HEAD_BYTES = 16 * 1024   # request line + headers (431 past it)
 MAX_OPEN_CONNECTIONS = 1024
+LINGER = 2.0                 # seconds a connection closed before its request body was read keeps reading
 STOP_TIMEOUT = 2.0           # seconds open requests get at stop() (the executor has drained by then)
 
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
@@ -95,6 +96,40 @@ def open_connection_cap() -> int:
     return max(16, min(MAX_OPEN_CONNECTIONS, soft // 4))
 
 
+class _LingeringTransport:
+    """The connection's transport, whose close() lingers when the request's body was not read (an answer
+    from its headers alone: too large, chunked): it sends FIN after the answer and keeps reading and
+    discarding for LINGER seconds, so the client gets the answer instead of a TCP reset while it is still
+    sending. Everything else is the real transport's."""
+
+    def __init__(self, transport, protocol: "GuardedH11Protocol"):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        t = self._transport
+        if self.lingering or t.is_closing():
+            return
+        unread = self._protocol.conn.their_state is h11.SEND_BODY
+        if not unread or not t.can_write_eof():
+            t.close()
+            return
+        self.lingering = True
+        try:
+            t.write_eof()
+            t.resume_reading()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        self._protocol.loop.call_later(LINGER, t.close)
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a request-head deadline, a cap on open connections that closes the
     longest-waiting idle one, and a cap on requests in progress that lets /healthz through (see the module
@@ -121,17 +156,25 @@ class GuardedH11Protocol(H11Protocol):
         await self._app(scope, receive, send)
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.max_open:
             victim = next(iter(self.waiting), self)  # the longest-waiting idle connection, else this one
             victim.close_idle()
         self._track()
+
+    def eof_received(self) -> bool | None:
+        if self.transport.lingering:  # the client has sent everything: close now
+            self.transport._transport.close()
+            return None
+        return super().eof_received()
 
     def connection_lost(self, exc) -> None:
         self._stop_waiting()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:  # the answer is sent: the rest of an unread body is dropped
+            return
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # a request head
             buffered = self.conn.trailing_data[0]
             if not buffered:
