@@ -71,7 +71,7 @@ class Pipeline:
         self.text_config = text_config(folder)
         self.residency = Residency(folder, plan, dtype)
         self.plans = SizePlans(folder, plan)
-        self.caps = request_caps(folder)
+        self.caps = _caps(self.text_config)
         self._lock = threading.Lock()
         if self.text_config.max_position_embeddings < tokenizer.max_length:
             tokenizer.max_length = self.text_config.max_position_embeddings
@@ -342,4 +342,8 @@ def _check_finite(x: torch.Tensor, stage: str, what: str) -> None:
 def request_caps(folder: ModelFolder) -> Caps:
     """The library's limits on a request for this model: its own caps, and clip_skip below the text
     encoder's depth (from the config; nothing is loaded)."""
-    return Caps(max_clip_skip=text_config(folder).num_hidden_layers - 1)
+    return _caps(text_config(folder))
+
+
+def _caps(text_cfg) -> Caps:
+    return Caps(max_clip_skip=text_cfg.num_hidden_layers - 1)

@@ -39,6 +39,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import InvalidRequest
+from ..fileio import parse_json_text
 from ..samplers import SAMPLER_SPECS, resolve_sampler, sampler_label
 from .execution import (
     CANCELLED,
@@ -196,11 +197,11 @@ def too_deep(obj, limit: int = MAX_JSON_DEPTH) -> bool:
 
 def parse_json_object(raw: bytes) -> dict:
     """A request body -> the JSON object it holds, or InvalidRequest('body', ...)."""
-    try:
-        body = json.loads(raw)
+    try:  # the parser model files use: integer literals bounded, so no int-string-limit error either
+        body = parse_json_text(raw.decode("utf-8"))
     except RecursionError:
         raise body_error("not valid JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # ValueError includes an integer too long to convert
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError includes an integer too long
         raise body_error(f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise body_error("must be a JSON object")
