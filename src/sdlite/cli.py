@@ -83,10 +83,30 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_vae_argument(parser) -> None:
-    parser.add_argument("--vae", metavar="DIR", default=None,
-                        help="a VAE folder to decode with instead of the model's own, e.g. TAESD "
-                             "(diffusers AutoencoderTiny)")
+MODEL_HELP = ("a diffusers model folder, or a single-file SD 1.x / 2.x checkpoint (.safetensors, .ckpt) "
+              "(default: the model sdlite ships)")
+
+
+def add_model_arguments(parser, positional: bool = False) -> None:
+    """-m MODEL (or a positional MODEL), --vae, --config and --prediction-type: how every command opens a model."""
+    if positional:
+        parser.add_argument("model", nargs="?", help=MODEL_HELP)
+    else:
+        parser.add_argument("-m", "--model", help=MODEL_HELP)
+    parser.add_argument("--vae", metavar="DIR|FILE", default=None,
+                        help="a VAE to decode with instead of the model's own: a folder (e.g. TAESD, diffusers "
+                             "AutoencoderTiny) or a single-file VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
+    parser.add_argument("--config", metavar="DIR", default=None,
+                        help="for a single-file model: a diffusers folder to take the configs, tokenizer and "
+                             "scheduler from (weights not needed), as diffusers' from_single_file(config=...)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "v"), default=None,
+                        help="what the UNet predicts, overriding the scheduler config, the sidecar .yaml or the "
+                             "SD 2.x detection")
+
+
+def model_kwargs(args) -> dict:
+    """The keyword arguments `open_model` / `Pipeline.load` take from the model arguments."""
+    return {"vae": args.vae, "config": args.config, "prediction_type": args.prediction_type}
 
 
 def sampler_name(text: str) -> str:
@@ -109,11 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate an image from a prompt", formatter_class=HelpFormatter,
                        epilog=SHIPPED_MODEL_NOTE)
     g.add_argument("prompt", help="what to draw (A1111 habits work: a negative prompt goes in --negative-prompt)")
-    g.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
+    add_model_arguments(g)
     g.add_argument("-o", "--output", default="out.png",
                    help="image to write: .png, .jpg or .webp, with the generation parameters inside (PNG text "
                         "chunk, or EXIF UserComment as A1111 writes them)")
-    add_vae_argument(g)
     g.add_argument("--steps", type=positive_int, default=20, help="sampler steps")
     g.add_argument("--cfg-scale", type=finite_float, default=7.5,
                    help="classifier-free guidance scale; <= 1 turns guidance off")
@@ -141,18 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="components, parameter counts, sizes and the memory plan",
                        formatter_class=HelpFormatter)
-    i.add_argument("model", nargs="?", help="diffusers model folder (default: the shipped model)")
-    add_vae_argument(i)
+    add_model_arguments(i, positional=True)
     i.add_argument("--memory-budget", type=byte_size, action="append", default=None,
                    help="show the plan for this budget (repeatable; default: a few common budgets)")
     i.add_argument("-W", "--width", type=positive_int, default=None, help="plan for this width (default: native)")
     i.add_argument("-H", "--height", type=positive_int, default=None, help="plan for this height (default: native)")
 
-    c = sub.add_parser("convert", help="write a copy of a model folder with fp16 or int8 weights",
-                       formatter_class=HelpFormatter)
-    c.add_argument("src", help="the diffusers model folder to read")
+    c = sub.add_parser("convert", help="write a diffusers folder from a model folder or a single-file "
+                       "checkpoint, with fp32, fp16 or int8 weights", formatter_class=HelpFormatter)
+    c.add_argument("src", help="a diffusers model folder, or a single-file SD 1.x / 2.x checkpoint")
     c.add_argument("dst", help="the folder to write (must not exist)")
-    c.add_argument("--weights", choices=("fp32", "fp16", "int8"), required=True,
+    c.add_argument("--config", metavar="DIR", default=None,
+                   help="for a single file: a diffusers folder to take configs, tokenizer and scheduler from")
+    c.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "v"), default=None,
+                   help="what the UNet predicts (a single SD 2.x file is otherwise tested)")
+    c.add_argument("--weights", choices=("fp32", "fp16", "int8"), default=None,
                    help="storage of the weights: int8 (per-channel scales) for the UNet and text encoder's "
                         "layers, fp16 elsewhere; fp16 everything; or fp32")
 
@@ -238,9 +260,10 @@ def check_output_path(path: Path, suffix: str | None = None) -> None:
 
 def cmd_generate(args) -> int:
     from .pipeline import GenerationRequest, Pipeline, request_caps
-    from .runtime.components import native_size
+    from .runtime.components import check_vae_matches, native_size
+    from .runtime.prediction import settle_prediction_type
     from .runtime.profiler import Profiler
-    from .weights.model_folder import ModelFolder
+    from .weights.model_folder import open_model
 
     model = resolve_model(args.model)
     output = Path(args.output)
@@ -248,7 +271,9 @@ def cmd_generate(args) -> int:
     if args.profile:
         check_output_path(Path(args.profile), suffix=".json")
     # the request is checked once, before any time goes into loading (the configs alone give the size)
-    folder = ModelFolder.open(model, vae=args.vae)  # Pipeline.load checks the VAE fits
+    folder = open_model(model, **model_kwargs(args))  # opened once; Pipeline.load takes it as it is
+    check_vae_matches(folder)
+    settle_prediction_type(folder)  # an SD 2.x file's v-or-epsilon decides its native size
     native = native_size(folder)
     req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
                             args.width or native, args.height or native, args.sampler,
@@ -259,8 +284,8 @@ def cmd_generate(args) -> int:
             print(f"sdlite: note: {note}", file=sys.stderr)
     prof = Profiler()
     try:
-        pipe = Pipeline.load(model, threads=args.threads, memory_budget=args.memory_budget,
-                             width=req.width, height=req.height, profiler=prof, vae=args.vae)
+        pipe = Pipeline.load(folder, threads=args.threads, memory_budget=args.memory_budget,
+                             width=req.width, height=req.height, profiler=prof)
         if args.verbose:
             print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
         progress = None if args.quiet else ProgressBar()
@@ -290,29 +315,15 @@ def memory_summary(prof, plan) -> str:
 
 
 def cmd_info(args) -> int:
-    import math
-
-    from .units import format_bytes
-    from .weights.model_folder import ModelFolder
-    from .weights.state_dict import load_component_weights
-
-    folder = ModelFolder.open(resolve_model(args.model), vae=args.vae)
-    print(f"model: {folder.root}")
-    total_params = total_bytes = 0
-    for name in ("text_encoder", "unet", "vae"):
-        with load_component_weights(folder.component(name)) as w:
-            params = sum(math.prod(w.shape_of(k)) for k in w.keys() if not k.endswith("weight_scale"))
-            dtypes = sorted({str(w.dtype_of(k)).replace("torch.", "") for k in w.keys()})
-        size = folder.bytes_on_disk(name)
-        total_params += params
-        total_bytes += size
-        print(f"  {name:<13} {params / 1e6:9.2f} M params  {format_bytes(size, precise=True):>10} on disk  "
-              f"{'/'.join(dtypes)}")
-    for name in ("tokenizer", "scheduler"):
-        print(f"  {name:<13} {'':>20}{format_bytes(folder.bytes_on_disk(name), precise=True):>10} on disk")
-    print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {format_bytes(total_bytes, precise=True):>10}")
     from .runtime.components import check_vae_matches, is_taesd, native_size, unet_config, vae_config
+    from .runtime.prediction import settle_prediction_type
+    from .units import format_bytes
+    from .weights.model_folder import open_model
+
+    folder = open_model(resolve_model(args.model), **model_kwargs(args))
     check_vae_matches(folder)
+    settle_prediction_type(folder)
+    print_model_parts(folder)
     ucfg, vcfg = unet_config(folder), vae_config(folder)
     native = native_size(folder)
     vae_kind = "TAESD (AutoencoderTiny)" if is_taesd(vcfg) else "AutoencoderKL"
@@ -321,6 +332,7 @@ def cmd_info(args) -> int:
     print(f"  native size: {native}x{native}, "
           f"unet blocks {list(ucfg.block_out_channels)}, mid block: {ucfg.mid_block_type or 'none'}, "
           f"vae: {vae_kind}{vae_from}")
+    print_model_origin(folder)
 
     from .errors import PlanError
     from .request import LIBRARY_CAPS, check_size
@@ -343,17 +355,57 @@ def cmd_info(args) -> int:
     return 0
 
 
+def print_model_parts(folder) -> None:
+    """`sdlite info`: one line per network (parameters, bytes on disk, stored dtypes), then the rest."""
+    import math
+
+    from .units import format_bytes
+    print(f"model: {folder.root}" + (f" ({folder.architecture} single file)" if folder.source == "single file"
+                                     else ""))
+    total_params = total_bytes = 0
+    for name in ("text_encoder", "unet", "vae"):
+        part = folder.part(name)
+        with part.open_weights() as w:
+            params = sum(math.prod(w.shape_of(k)) for k in w.keys() if not k.endswith("weight_scale"))
+            dtypes = sorted({str(w.dtype_of(k)).replace("torch.", "") for k in w.keys()})
+        size = part.bytes_on_disk()
+        total_params += params
+        total_bytes += size
+        print(f"  {name:<13} {params / 1e6:9.2f} M params  {format_bytes(size, precise=True):>10} on disk  "
+              f"{'/'.join(dtypes)}")
+    if folder.source == "folder":
+        for name in ("tokenizer", "scheduler"):
+            print(f"  {name:<13} {'':>20}{format_bytes(folder.bytes_on_disk(name), precise=True):>10} on disk")
+    print(f"  {'total':<13} {total_params / 1e6:9.2f} M params  {format_bytes(total_bytes, precise=True):>10}")
+
+
+def print_model_origin(folder) -> None:
+    """`sdlite info`: the prediction type and how it was settled; for a single file, where its configs and
+    tokenizer come from and what in the file was left out."""
+    pred = folder.scheduler_config().get("prediction_type", "epsilon")
+    how = f" ({folder.prediction_note})" if folder.prediction_note else ""
+    print(f"  prediction type: {pred}{how}")
+    if folder.source != "single file":
+        return
+    print(f"  configs: {folder.config_dir or 'inferred from the weights (standard SD conventions)'}; "
+          f"tokenizer: {folder.tokenizer_dir or 'the CLIP tokenizer sdlite ships (' + folder.tokenizer_kind + ')'}; "
+          f"scheduler: {folder.scheduler_config().get('_class_name', '?')}")
+    ignored = ", ".join(f"{reason}: {n}" for reason, n in folder.ignored.items() if n)
+    print(f"  ignored: {ignored or 'nothing'}")
+
+
 def cmd_convert(args) -> int:
     from .runtime.convert import convert_model
 
     if os.path.lexists(args.dst):
         raise CliError(f"{args.dst}: already exists")
     t0 = time.perf_counter()
-    report = convert_model(args.src, args.dst, args.weights)
+    report = convert_model(args.src, args.dst, args.weights, config=args.config,
+                           prediction_type=args.prediction_type)
     for part, counts in report.items():
         done = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
         print(f"  {part:<13} {done}")
-    print(f"{args.dst} ({args.weights}, {time.perf_counter() - t0:.1f} s)")
+    print(f"{args.dst} ({args.weights or 'weights as stored'}, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -397,8 +449,7 @@ def positive_float(text: str) -> float:
 def add_serve_parsers(sub) -> None:
     s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service",
                        formatter_class=HelpFormatter)
-    s.add_argument("-m", "--model", help="diffusers model folder (default: the model sdlite ships)")
-    add_vae_argument(s)
+    add_model_arguments(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
@@ -483,6 +534,8 @@ def cmd_serve(args) -> int:
     limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                     max_images=args.max_images)
     config = ServeConfig(resolve_model(args.model), vae=Path(args.vae) if args.vae else None,
+                         model_config=Path(args.config) if args.config else None,
+                         prediction_type=args.prediction_type,
                          host=args.host, grpc_port=args.grpc_port,
                          http_port=args.http_port,
                          port_file=Path(args.port_file) if args.port_file else None,

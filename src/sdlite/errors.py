@@ -47,3 +47,8 @@ class GenerationError(SdliteError):
 
 class Cancelled(SdliteError):
     """A generation was cancelled between sampler steps."""
+
+
+class OutdatedConfigWarning(UserWarning):
+    """A model's config carries values that diffusers rewrites for Stable Diffusion (e.g. an old scheduler
+    config's `steps_offset: 0`); sdlite applies the same fix and says so."""

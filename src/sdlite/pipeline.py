@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +26,7 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError
-from .fileio import read_json
+from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError, OutdatedConfigWarning
 from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
     LoadedComponent,
@@ -40,6 +40,7 @@ from .runtime.components import (
 from .runtime.compute_thread import run_on_compute_thread
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.planner import Plan, SizePlans, make_plan
+from .runtime.prediction import settle_prediction_type
 from .runtime.profiler import Profiler
 from .runtime.progress import CancelFn, ProgressFn, StepReporter, cancel_check
 from .runtime.residency import Residency
@@ -47,7 +48,7 @@ from .runtime.threads import configure_threads
 from .runtime.tiled_vae import decode_tiled
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
-from .weights.model_folder import ModelFolder, shipped_model
+from .weights.model_folder import ModelFolder, open_model, shipped_model
 
 __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "format_parameters",
            "request_caps"]
@@ -80,9 +81,12 @@ class Pipeline:
     def load(cls, path: str | Path | None = None, *, memory_budget: int | str | None = None, plan: Plan | None = None,
              width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
              threads: int | None = None, profiler: Profiler | None = None,
-             vae: str | Path | None = None) -> "Pipeline":
-        """Open a diffusers model folder and prepare it to generate. With no `path`, the model sdlite
-        ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see its README.md).
+             vae: str | Path | None = None, config: str | Path | None = None,
+             prediction_type: str | None = None) -> "Pipeline":
+        """Open a model and prepare it to generate: a diffusers folder, or a single-file SD 1.x / 2.x
+        checkpoint (`.safetensors`, or `.ckpt` read without running its pickle's code). With no `path`, the
+        model sdlite ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see
+        its README.md).
 
         memory_budget   bytes (int) or a size ('1.5G', '768M'); None: no limit. The levers are planned
                         for `width` x `height` pixels (default: the model's native size) before anything
@@ -92,26 +96,32 @@ class Pipeline:
         threads         torch intra-op threads (default: the physical cores this process may use; set
                         either way, with MKL's dynamic threading off: see runtime.threads)
         profiler        records the "load" stage when every network is loaded up front
-        vae             another VAE folder to decode with, e.g. TAESD (a diffusers AutoencoderTiny folder)
+        vae             another VAE to decode with: a folder (e.g. TAESD, a diffusers AutoencoderTiny) or
+                        a single-file VAE in the original layout (e.g. vae-ft-mse-840000-ema-pruned)
+        config          for a single file: a diffusers folder whose configs, tokenizer and scheduler to use
+                        (weights not needed), for shapes the weights cannot tell
+        prediction_type "epsilon" or "v_prediction": overrides the scheduler config / detection
 
-        Raises ModelFolderError / WeightsError for a bad folder or weights (before any network is
+        Raises ModelFolderError / WeightsError for a bad folder, file or weights (before any network is
         built when the configs are bad), PlanError when nothing fits the budget (the message names the
         smallest budget that would), ValueError for a malformed `memory_budget` string. Loading, like
         every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
         return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, dtype, threads,
-                                     profiler, vae)
+                                     profiler, vae, config, prediction_type)
 
     @classmethod
-    def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae) -> "Pipeline":
+    def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae, config,
+              prediction_type) -> "Pipeline":
         configure_threads(threads)
         if path is None:
             path = shipped_model()
             if path is None:
                 raise ModelFolderError("no model given, and the model sdlite ships is not installed")
-        folder = ModelFolder.open(path, vae=vae)
+        folder = open_model(path, vae=vae, config=config, prediction_type=prediction_type)
         check_vae_matches(folder)
-        tokenizer = ClipTokenizer.from_folder(folder.component("tokenizer"))
-        scheduler_config = read_json(folder.component("scheduler") / "scheduler_config.json")
+        settle_prediction_type(folder, dtype)
+        tokenizer = _tokenizer(folder)
+        scheduler_config = scheduler_config_of(folder)
         if isinstance(memory_budget, str):
             memory_budget = parse_bytes(memory_budget)
         if plan is None:
@@ -187,9 +197,18 @@ class Pipeline:
                      plan: Plan) -> GuidedModel:
         """The UNet with classifier-free guidance, eps = uncond + cfg_scale * (cond - uncond) (Ho &
         Salimans 2022, arXiv:2207.12598): as one batch of 2, or as two passes of 1 when the plan splits
-        it; without `uncond`, the conditional output alone."""
+        it; without `uncond`, the conditional output alone.
+
+        A guidance-distilled UNet (LCM: its config has `time_cond_proj_dim`) was trained to give the guided
+        output in one pass: it runs once per step on `cond` alone (`uncond` is ignored), with the embedding
+        of w = cfg_scale - 1 as `timestep_cond`, as diffusers' LatentConsistencyModelPipeline runs it."""
         unet = self.unet.module
         dtype = self.dtype
+        cond_dim = self.unet_config.time_cond_proj_dim
+        if cond_dim:
+            w = torch.tensor([cfg_scale - 1.0], dtype=torch.float32)
+            w_emb = samplers.lcm.guidance_scale_embedding(w, cond_dim).to(dtype)
+            return lambda x, t: unet(x.to(dtype), t, cond, timestep_cond=w_emb).float()
         if uncond is None:
             return lambda x, t: unet(x.to(dtype), t, cond).float()
         if plan.cfg == "split":
@@ -296,8 +315,8 @@ class Pipeline:
             # 1. the prompts -> text embeddings
             with prof.stage("encode"):
                 cond = self.encode_prompt(request.prompt, request.clip_skip)
-                uncond = None
-                if request.cfg_scale > 1.0:
+                uncond = None  # none below cfg 1, nor for a guidance-distilled (LCM) UNet: see guided_model
+                if request.cfg_scale > 1.0 and not self.unet_config.time_cond_proj_dim:
                     uncond = self.encode_prompt(request.negative_prompt, request.clip_skip)
             stages.release("text_encoder", plan)
             # 2. the seeded initial noise (or the caller's latents)
@@ -337,6 +356,24 @@ def _check_finite(x: torch.Tensor, stage: str, what: str) -> None:
         bad = int((~torch.isfinite(x)).sum())
         raise GenerationError(f"{stage}: the {what} hold {bad} NaN or infinite values of {x.numel()}; no image "
                               "was made (check the model's weights and configs)")
+
+
+def _tokenizer(folder: ModelFolder) -> ClipTokenizer:
+    """The model's tokenizer folder, or (a single file without a config folder) the CLIP tokenizer sdlite
+    ships, as SD 1.x or SD 2.x sets it up."""
+    if folder.tokenizer_dir is not None:
+        return ClipTokenizer.from_folder(folder.tokenizer_dir)
+    return ClipTokenizer.standard(folder.tokenizer_kind)
+
+
+def scheduler_config_of(folder: ModelFolder) -> dict:
+    """The model's scheduler config, with the outdated values old SD 1.x uploads carry fixed as diffusers'
+    StableDiffusionPipeline fixes them (each fix warned about, once per load)."""
+    from .samplers.schedule import fix_outdated_scheduler_config  # TEMP: lazy until the helper lands it
+    config, notes = fix_outdated_scheduler_config(folder.scheduler_config())
+    for note in notes:
+        warnings.warn(f"{folder.scheduler_config_path}: {note}", OutdatedConfigWarning, stacklevel=2)
+    return config
 
 
 def request_caps(folder: ModelFolder) -> Caps:

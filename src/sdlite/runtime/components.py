@@ -22,11 +22,12 @@ from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..samplers.schedule import check_scheduler_config
 from ..tokenizer.clip import max_token_id
-from ..weights.model_folder import ModelFolder, read_json
-from ..weights.state_dict import ComponentWeights, load_component_weights, load_into
+from ..weights.model_folder import ModelFolder
+from ..weights.state_dict import ComponentWeights, load_into
 from .lazy_weights import SCALE_SUFFIX, dequantize, prepare_stored_weight, swap_layers
 
 WEIGHT_MODES = ("lazy", "materialize")
+STANDARD_MAX_ID = 49407  # the shipped CLIP vocabulary: 49408 ids
 
 
 @dataclass
@@ -87,8 +88,9 @@ def _load(folder: ModelFolder, name: str, module: nn.Module, dtype: torch.dtype,
     and are dequantized per layer at use; `materialize`: everything becomes `dtype` at load."""
     if weights_mode not in WEIGHT_MODES:
         raise ValueError(f"weights_mode must be one of {WEIGHT_MODES}, got {weights_mode!r}")
-    weights = load_component_weights(folder.component(name))
-    source = str(folder.component(name))
+    part = folder.part(name)
+    weights = part.open_weights()
+    source = part.describe()
     try:
         if weights_mode == "lazy" and dtype == torch.float32:
             file_key = {}
@@ -114,17 +116,24 @@ def _load(folder: ModelFolder, name: str, module: nn.Module, dtype: torch.dtype,
     return LoadedComponent(name, module, weights, n, weights_mode)
 
 
+def _config(folder: ModelFolder, name: str, cls):
+    part = folder.part(name)
+    return load_config(cls, part.config_path, part.read_config())
+
+
 def unet_config(folder: ModelFolder) -> UNetConfig:
-    return load_config(UNetConfig, folder.component("unet") / "config.json")
+    return _config(folder, "unet", UNetConfig)
 
 
 VAE_CLASSES = {"AutoencoderKL": VAEConfig, TAESD_CLASS: TAESDConfig}
 
 
-def vae_config(folder: ModelFolder) -> VAEConfig | TAESDConfig:
-    """The SD VAE's config, or TAESD's when the vae folder holds an AutoencoderTiny."""
-    path = folder.component("vae") / "config.json"
-    data = read_json(path)
+def vae_config(folder: ModelFolder, part=None) -> VAEConfig | TAESDConfig:
+    """The SD VAE's config, or TAESD's when the vae folder holds an AutoencoderTiny. `part`: another VAE
+    part than the model's (e.g. its own when --vae replaces it)."""
+    part = part or folder.part("vae")
+    path = part.config_path
+    data = part.read_config()
     name = data.get("_class_name", "AutoencoderKL")
     cls = VAE_CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -138,7 +147,7 @@ def is_taesd(cfg) -> bool:
 
 
 def text_config(folder: ModelFolder) -> CLIPTextConfig:
-    return load_config(CLIPTextConfig, folder.component("text_encoder") / "config.json")
+    return _config(folder, "text_encoder", CLIPTextConfig)
 
 
 def check_folder(folder: ModelFolder) -> None:
@@ -151,18 +160,21 @@ def check_folder(folder: ModelFolder) -> None:
     unet_config(folder)
     vae_config(folder)
     text = text_config(folder)
-    scheduler_path = folder.component("scheduler") / "scheduler_config.json"
+    scheduler_path = folder.scheduler_config_path
     try:
-        check_scheduler_config(read_json(scheduler_path))
+        check_scheduler_config(folder.scheduler_config())
     except ModelFolderError as exc:
         message = str(exc)
         raise ModelFolderError(message if message.startswith(str(scheduler_path))
                                else f"{scheduler_path}: {message}") from None
-    tokenizer_dir = folder.component("tokenizer")
-    max_id = max_token_id(tokenizer_dir)
+    tokenizer_dir = folder.tokenizer_dir
+    if tokenizer_dir is None:
+        max_id, tokenizer_dir = STANDARD_MAX_ID, f"the CLIP tokenizer sdlite ships ({folder.tokenizer_kind})"
+    else:
+        max_id = max_token_id(tokenizer_dir)
     if max_id >= text.vocab_size:
         raise ModelFolderError(
-            f"{folder.component('text_encoder') / 'config.json'}: vocab_size is {text.vocab_size}, but the "
+            f"{folder.part('text_encoder').config_path}: vocab_size is {text.vocab_size}, but the "
             f"tokenizer ({tokenizer_dir}) emits ids up to {max_id}: the text encoder does not fit this tokenizer")
 
 
@@ -173,13 +185,13 @@ def check_vae_matches(folder: ModelFolder) -> None:
     check_folder(folder)
     unet, vae = unet_config(folder), vae_config(folder)
     if vae.latent_channels != unet.out_channels:
-        raise ModelFolderError(f"{folder.component('vae')}: this VAE decodes {vae.latent_channels}-channel "
+        raise ModelFolderError(f"{folder.part('vae').describe()}: this VAE decodes {vae.latent_channels}-channel "
                                f"latents, but the UNet makes {unet.out_channels}-channel ones")
-    if folder.replacement("vae") is not None and (folder.root / "vae" / "config.json").is_file():
-        own = vae_config(ModelFolder(folder.root, folder.index))
+    if folder.replacement("vae") is not None and folder.own_vae is not None:
+        own = vae_config(folder, folder.own_vae)
         if vae_factor(vae) != vae_factor(own):
             raise ModelFolderError(
-                f"{folder.component('vae')}: this VAE scales latents {vae_factor(vae)}x per side, but the "
+                f"{folder.part('vae').describe()}: this VAE scales latents {vae_factor(vae)}x per side, but the "
                 f"model's own VAE {vae_factor(own)}x: images would come out at another size than asked")
 
 

@@ -1,4 +1,8 @@
-"""`sdlite convert SRC DST --weights fp16|int8`: a model folder with smaller weight storage.
+"""`sdlite convert SRC DST [--weights fp32|fp16|int8]`: a diffusers model folder, from a folder or a
+single-file checkpoint, with the weights as stored or in another storage.
+
+- as stored (no --weights): every tensor as the source holds it (a single file's fp16 stays fp16).
+- fp32: every floating-point tensor stored as float32.
 
 - fp16: every floating-point tensor stored as float16.
 - int8: the weights of Linear, Conv2d and Embedding layers of the UNet and text encoder stored as
@@ -16,12 +20,11 @@ from pathlib import Path
 import torch
 
 from ..errors import SdliteError
-from ..weights.model_folder import WEIGHT_FILES, ModelFolder, ModelFolderWriter
-from ..weights.state_dict import load_component_weights
+from ..weights.model_folder import SD_MODEL_INDEX, WEIGHT_FILES, ModelFolder, ModelFolderWriter, open_model
 from .components import _build, text_config, text_encoder_key, unet_config, vae_config
 from .lazy_weights import SCALE_SUFFIX, quantizable_weights, quantize_int8
 
-FORMATS = ("fp32", "fp16", "int8")
+FORMATS = (None, "fp32", "fp16", "int8")
 
 
 def _quantizable(folder: ModelFolder, part: str) -> tuple[set[str], object]:
@@ -44,7 +47,7 @@ def convert_component(folder: ModelFolder, part: str, fmt: str, out: ModelFolder
     use_int8 = fmt == "int8" and part in ("unet", "text_encoder")
     tensors: dict[str, torch.Tensor] = {}
     counts = {"int8": 0, "fp16": 0, "fp32": 0, "other": 0}
-    with load_component_weights(folder.component(part)) as weights:
+    with folder.part(part).open_weights() as weights:
         for key in weights.keys():
             t = weights[key]
             name = key_map(key) if key_map else key
@@ -57,13 +60,18 @@ def convert_component(folder: ModelFolder, part: str, fmt: str, out: ModelFolder
                 q, scale = quantize_int8(t)
                 tensors[key], tensors[key + SCALE_SUFFIX] = q, scale
                 counts["int8"] += 1
+            elif fmt is None:
+                tensors[key] = t
+                counts[str(t.dtype).removeprefix("torch.").replace("float", "fp")
+                       if t.dtype in (torch.float32, torch.float16) else "other"] += 1
             elif fmt == "fp32":
                 tensors[key] = t.float()
                 counts["fp32"] += 1
             else:
                 tensors[key] = t.to(torch.float16)
                 counts["fp16"] += 1
-        out.write_component(part, None, tensors, metadata={"format": "pt", "sdlite_weights": fmt})
+        config = None if folder.source == "folder" else folder.part(part).read_config()
+        out.write_component(part, config, tensors, metadata={"format": "pt", "sdlite_weights": fmt or "stored"})
     del tensors
     return counts
 
@@ -72,18 +80,27 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".json.index")) or "safetensors.index" in name
 
 
-def convert_model(src: str | Path, dst: str | Path, fmt: str) -> dict:
-    """Write a copy of the model folder `src` at `dst` with `fmt` weight storage ("fp32", "fp16", "int8");
-    every other file is copied as is. Returns {component: {storage: tensor count}}. Raises SdliteError for
-    an unknown format or an existing `dst`, ModelFolderError / WeightsError for a bad `src`; nothing is
-    left at `dst` when it fails."""
+def convert_model(src: str | Path, dst: str | Path, fmt: str | None, *, config: str | Path | None = None,
+                  prediction_type: str | None = None) -> dict:
+    """Write `src` (a model folder, or a single-file checkpoint with its optional `config` folder) at `dst`
+    as a diffusers folder, with `fmt` weight storage (None: as stored; "fp32", "fp16", "int8"). A folder's
+    other files are copied as they are; a single file gets its inferred (or given) configs, the tokenizer
+    (the config folder's, or the CLIP vocabulary sdlite ships), the scheduler config and a model_index.json.
+    Returns {component: {storage: tensor count}}. Raises SdliteError for an unknown format or an existing
+    `dst`, ModelFolderError / WeightsError for a bad `src`; nothing is left at `dst` when it fails."""
     if fmt not in FORMATS:
-        raise SdliteError(f"--weights must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    folder = ModelFolder.open(src)
+        raise SdliteError(f"--weights must be one of {', '.join(f for f in FORMATS if f)}, got {fmt!r}")
+    model = open_model(src, config=config, prediction_type=prediction_type)
     if os.path.lexists(dst):
         raise SdliteError(f"{dst}: already exists")
-    if Path(dst).resolve().is_relative_to(folder.root.resolve()):
+    if model.source == "folder" and Path(dst).resolve().is_relative_to(model.root.resolve()):
         raise SdliteError(f"{dst}: is inside the model folder {src}; write the copy somewhere else")
+    if model.source == "folder":
+        return _convert_folder(model, src, dst, fmt)
+    return _convert_single_file(model, src, dst, fmt)
+
+
+def _convert_folder(folder: ModelFolder, src, dst, fmt: str | None) -> dict:
     report = {}
     with ModelFolderWriter(dst) as out:
         for item in folder.root.iterdir():
@@ -94,5 +111,28 @@ def convert_model(src: str | Path, dst: str | Path, fmt: str) -> dict:
                 report[item.name] = convert_component(folder, item.name, fmt, out)
             elif item.is_dir() or item.is_file():
                 out.copy(item, item.name)
-        out.write_json("sdlite_weights.json", {"weights": fmt, "source": str(src), "tensors": report})
+        out.write_json("sdlite_weights.json", {"weights": fmt or "stored", "source": str(src), "tensors": report})
+    return report
+
+
+def _convert_single_file(model, src, dst, fmt: str | None) -> dict:
+    from ..tokenizer.writer import write_standard_tokenizer
+    from .prediction import settle_prediction_type
+    settle_prediction_type(model)
+    report = {}
+    with ModelFolderWriter(dst) as out:
+        for name in WEIGHT_FILES:
+            report[name] = convert_component(model, name, fmt, out)
+        if model.tokenizer_dir is not None:
+            out.copy(model.tokenizer_dir, "tokenizer")
+        else:
+            write_standard_tokenizer(out.root / "tokenizer", model.tokenizer_kind)
+        out.write_json("scheduler/scheduler_config.json", model.scheduler_config())
+        index = dict(SD_MODEL_INDEX)
+        index["scheduler"] = ["diffusers", model.scheduler_config().get("_class_name", "PNDMScheduler")]
+        out.write_json("model_index.json", index)
+        out.write_json("sdlite_weights.json", {"weights": fmt or "stored", "source": str(src),
+                                               "architecture": model.architecture,
+                                               "prediction_type": model.prediction_type,
+                                               "ignored": model.ignored, "tensors": report})
     return report

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..errors import PlanError
 from ..units import MiB, format_bytes
-from ..weights.model_folder import ModelFolder
-from ..weights.state_dict import load_component_weights
+from ..weights.model_folder import ModelFolder, open_model
 
 # Calibrated with bench/calibrate_memory.py on the SD 1.5-size random model, fp32, 2 threads
 # (anonymous-memory peak above the loaded state). UNet: 399 MB at batch 2 x 64x64 latents, 363 MB at
@@ -82,7 +82,7 @@ class ComponentSize:
 
     @classmethod
     def of(cls, folder: ModelFolder, name: str) -> "ComponentSize":
-        with load_component_weights(folder.component(name)) as w:
+        with folder.part(name).open_weights() as w:
             stored = fp32 = largest = small = lookup = 0
             lazy = False
             for k in w.keys():
@@ -257,8 +257,8 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     the mapped file. A budget never costs more memory than no budget: the candidates never convert
     fp16/int8 weights to fp32 at load (measured: lazy dequantization runs within the run-to-run spread of
     fp32, README "Memory budget"); `Plan(weights_mode="materialize")` still does, when asked for."""
-    if not isinstance(folder, ModelFolder):
-        folder = ModelFolder.open(folder)
+    if isinstance(folder, (str, Path)):
+        folder = open_model(folder)
     sizes = sizes or ModelSizes.of(folder)
     if budget is None:
         plan = Plan(width=width, height=height)

@@ -20,7 +20,9 @@ class Limits:
 @dataclass
 class ServeConfig:
     model: Path
-    vae: Path | None = None         # another VAE folder to decode with (e.g. TAESD)
+    vae: Path | None = None         # another VAE to decode with: a folder (e.g. TAESD) or a VAE file
+    model_config: Path | None = None  # a single-file model's config folder (--config)
+    prediction_type: str | None = None  # overrides the model's (--prediction-type)
     host: str = "127.0.0.1"
     grpc_port: int | None = 50051   # None: no gRPC front end; 0: an ephemeral port
     http_port: int | None = 7860    # None: no HTTP front end; 0: an ephemeral port

@@ -90,7 +90,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
     # loading and every generation run on sdlite's one compute thread (runtime.compute_thread): the main
     # thread and the slots only wait, so torch keeps one OpenMP team and signal handlers keep running
-    pipe = Pipeline.load(config.model, threads=config.threads, vae=config.vae, **budget)
+    pipe = Pipeline.load(config.model, threads=config.threads, vae=config.vae, config=config.model_config,
+                         prediction_type=config.prediction_type, **budget)
     try:
         defaults = Defaults.for_pipeline(pipe)
         if warmup:

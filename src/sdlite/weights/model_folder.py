@@ -1,4 +1,13 @@
-"""A diffusers Stable Diffusion model folder: model_index.json and one subfolder per component."""
+"""A diffusers Stable Diffusion model folder: model_index.json and one subfolder per component.
+
+Every model sdlite opens (this folder, or a single-file checkpoint: `weights.single_file`) is read through
+the same few questions, so the runtime never asks which kind it has:
+
+- `part(name)`: a `Part` for "unet", "vae", "text_encoder": its config (`read_config`, `config_path` for
+  messages), its weights as a mapping by module name (`open_weights`), the files they live in and their size;
+- `scheduler_config()`, `tokenizer_dir` (or `tokenizer_kind` when the model carries no tokenizer);
+- `name`, `replacement("vae")` (a VAE given instead of the model's own).
+"""
 
 from __future__ import annotations
 
@@ -39,6 +48,81 @@ SD_MODEL_INDEX = {
 }
 
 
+@dataclass(frozen=True)
+class FolderPart:
+    """One component of a diffusers folder: `<dir>/config.json` plus its safetensors weights."""
+
+    dir: Path
+    config_name: str = "config.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / self.config_name
+
+    def read_config(self) -> dict:
+        return read_json(self.config_path)
+
+    def open_weights(self):
+        """The component's tensors by module name (a `ComponentWeights`; close it, or use `with`)."""
+        from .state_dict import load_component_weights
+        return load_component_weights(self.dir)
+
+    def bytes_on_disk(self) -> int:
+        d = self.dir
+        if not d.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+    def describe(self) -> str:
+        return str(self.dir)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# a tokenizer folder holds vocab.json + merges.txt (transformers' slow files) or tokenizer.json (the fast one)
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+
+
+def check_prediction_type(value: str | None) -> str | None:
+    """None, "epsilon" or "v_prediction" ("v" is accepted for the latter); ModelFolderError otherwise."""
+    if value is None:
+        return None
+    value = {"v": "v_prediction", "eps": "epsilon"}.get(value, value)
+    if value not in PREDICTION_TYPES:
+        raise ModelFolderError(f"prediction type must be one of epsilon, v_prediction (or v), got {value!r}")
+    return value
+
+
+def check_vae_path(vae: str | Path) -> Path:
+    """A --vae argument: a VAE folder with config.json, or a single-file VAE. ModelFolderError if neither."""
+    vae = Path(vae)
+    if vae.is_file():
+        return vae
+    if not vae.is_dir():
+        raise ModelFolderError(f"{vae}: no such folder or file; --vae takes a VAE folder (config.json and "
+                               "weights) or a VAE file (.safetensors, .ckpt)")
+    if not (vae / "config.json").exists():
+        raise ModelFolderError(f"{vae}: not a VAE folder (no config.json)")
+    return vae
+
+
+def open_model(path: str | Path, *, vae: str | Path | None = None, config: str | Path | None = None,
+               prediction_type: str | None = None):
+    """Open what a user names as a model: a diffusers folder (`ModelFolder`) or a single-file SD 1.x / 2.x
+    checkpoint, `.safetensors` or `.ckpt` (`single_file.SingleFileModel`). `config`: a diffusers folder
+    whose configs, tokenizer and scheduler a single file uses (diffusers' `from_single_file(config=...)`).
+    An already opened model (anything with `part`) is returned as it is.
+    Raises ModelFolderError / WeightsError (one line) for what cannot be opened."""
+    if hasattr(path, "part"):
+        return path
+    p = Path(path)
+    if p.is_file():
+        from .single_file import SingleFileModel
+        return SingleFileModel.open(p, vae=vae, config=config, prediction_type=prediction_type)
+    if config is not None:
+        raise ModelFolderError(f"{p}: --config applies to single-file checkpoints; a folder has its own configs")
+    return ModelFolder.open(p, vae=vae, prediction_type=prediction_type)
+
+
 def shipped_model() -> Path | None:
     """The model this package ships (sdlite-shapes, trained in this repo: 64x64 flat shapes, a few dozen
     words), or None when the package was installed without its assets."""
@@ -52,56 +136,90 @@ class ModelFolder:
     index: dict
     # components taken from another folder than root/<name>, e.g. (("vae", Path("taesd")),)
     replaced: tuple[tuple[str, Path], ...] = ()
+    prediction_type: str | None = None  # overrides the scheduler config's when set
 
     @classmethod
-    def open(cls, path: str | Path, *, vae: str | Path | None = None) -> "ModelFolder":
-        """`vae`: a VAE folder (config.json + weights, e.g. a TAESD / AutoencoderTiny) used instead of
-        the model's own `vae/`."""
+    def open(cls, path: str | Path, *, vae: str | Path | None = None,
+             prediction_type: str | None = None) -> "ModelFolder":
+        """`vae`: a VAE folder (config.json + weights, e.g. a TAESD / AutoencoderTiny) or a single-file VAE
+        (`.safetensors` / `.ckpt` in the original layout) used instead of the model's own `vae/`.
+        `prediction_type`: "epsilon" or "v_prediction" instead of what the scheduler config says.
+        For a model given as one file, use `open_model`."""
         root = Path(path)
         if not root.exists():
-            raise ModelFolderError(f"{root}: no such model folder")
+            raise ModelFolderError(f"{root}: no such model folder or file")
         if root.is_file():
-            raise ModelFolderError(
-                f"{root}: is a file; single-file checkpoints are not supported yet, give a diffusers "
-                "model folder (with model_index.json)")
+            raise ModelFolderError(f"{root}: is a file; open single-file checkpoints with open_model()")
         index_path = root / "model_index.json"
         if not index_path.exists():  # present but not a regular file: read_json says so
             raise ModelFolderError(f"{root}: not a diffusers model folder (no model_index.json)")
-        replaced = ()
-        if vae is not None:
-            vae = Path(vae)
-            if not vae.is_dir():
-                what = "is a file" if vae.exists() else "no such folder"
-                raise ModelFolderError(f"{vae}: {what}; --vae takes a VAE folder (config.json and weights)")
-            if not (vae / "config.json").exists():
-                raise ModelFolderError(f"{vae}: not a VAE folder (no config.json)")
-            replaced = (("vae", vae),)
-        folder = cls(root, read_json(index_path), replaced)
+        replaced = () if vae is None else (("vae", check_vae_path(vae)),)
+        folder = cls(root, read_json(index_path), replaced, check_prediction_type(prediction_type))
         for part in REQUIRED:
-            cfg = folder.component(part) / CONFIG_FILE[part]
-            if not cfg.exists():  # present but not a regular file: refused when read
+            if part == "vae" and replaced and replaced[0][1].is_file():
+                continue
+            names = TOKENIZER_FILES if part == "tokenizer" else (CONFIG_FILE[part],)
+            # present but not a regular file: refused when read
+            if not any((folder.component(part) / n).exists() for n in names):
                 raise ModelFolderError(f"{root}: missing {part}/{CONFIG_FILE[part]}")
         return folder
 
     def component(self, name: str) -> Path:
-        return self.replacement(name) or self.root / name
+        """The folder of component `name` (root/<name>, or the folder given instead by --vae)."""
+        replaced = self.replacement(name)
+        if replaced is not None and replaced.is_dir():
+            return replaced
+        return self.root / name
 
     def replacement(self, name: str) -> Path | None:
-        """The folder given instead of root/<name> (e.g. --vae), or None."""
+        """The folder or file given instead of root/<name> (e.g. --vae), or None."""
         for part, path in self.replaced:
             if part == name:
                 return path
         return None
+
+    def part(self, name: str):
+        """Component `name` ("unet", "vae", "text_encoder") as a `Part`: a `FolderPart`, or a VAE file's
+        part when --vae named a single file."""
+        replaced = self.replacement(name)
+        if replaced is not None and replaced.is_file():
+            from .single_file import vae_file_part
+            return vae_file_part(replaced)
+        return FolderPart(self.component(name))
+
+    def scheduler_config(self) -> dict:
+        """The folder's scheduler config, with `prediction_type` overridden when the folder was opened so."""
+        data = read_json(self.scheduler_config_path)
+        if self.prediction_type is not None and isinstance(data, dict):
+            data = {**data, "prediction_type": self.prediction_type}
+        return data
+
+    @property
+    def scheduler_config_path(self) -> Path:
+        return self.root / "scheduler" / "scheduler_config.json"
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.root / "tokenizer"
+
+    tokenizer_kind = None  # a folder brings its own tokenizer
+    source = "folder"
+    prediction_note = ""
+
+    @property
+    def own_vae(self):
+        """The model's own VAE part (even when --vae replaces it), or None when it has none."""
+        d = self.root / "vae"
+        return FolderPart(d) if (d / "config.json").is_file() else None
 
     @property
     def name(self) -> str:
         return self.root.resolve().name
 
     def bytes_on_disk(self, name: str) -> int:
-        d = self.component(name)
-        if not d.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        if name in ("unet", "vae", "text_encoder"):
+            return self.part(name).bytes_on_disk()
+        return FolderPart(self.component(name)).bytes_on_disk()
 
 
 class ModelFolderWriter:

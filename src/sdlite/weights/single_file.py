@@ -1,0 +1,359 @@
+"""A single-file Stable Diffusion 1.x / 2.x checkpoint opened as a model, with no conversion step.
+
+What people download is one file in the original (CompVis / Stability) layout: `v1-5-pruned-emaonly`,
+a community merge, an SD 2.1 or SD-Turbo file, as `.safetensors` or as a `.ckpt` pickle. `SingleFileModel`
+answers the same questions a `ModelFolder` does (`part`, `scheduler_config`, `tokenizer_dir` /
+`tokenizer_kind`), so every command and the runtime take either:
+
+- weights: the file is mapped once per stage (`open_checkpoint`: the mmap safetensors reader, or torch's
+  restricted unpickler with mmap for `.ckpt`), and each network's tensors are the file's tensors under
+  diffusers' module names (`ldm_layout`): renamed by a table, never copied; OpenCLIP's fused q/k/v are
+  split by taking views, the VAE attention's 1x1 convolutions viewed as linear weights.
+- configs: inferred from the key set and shapes (`ldm_layout.read_layout`: block widths, depths, which
+  blocks attend, SD 1.x vs 2.x from the text width), with the standard SD 1.5 / 2.1 conventions for what
+  weights cannot tell (head counts), or taken from `config=DIR`, a diffusers folder that may hold no
+  weights (diffusers' `from_single_file(config=...)`).
+- tokenizer: the config folder's, else the CLIP BPE vocabulary sdlite ships (pad `<|endoftext|>` for SD
+  1.x, `!` for SD 2.x).
+- prediction type: `prediction_type=` (the `--prediction-type` flag), else the config folder's scheduler,
+  else a sidecar `FILE.yaml` (A1111's convention: `parameterization: "v"` means v-prediction), else
+  epsilon for SD 1.x and SD-Turbo; for other SD 2.x files it is left open (`needs_prediction_check`) and the
+  runtime decides it by one UNet evaluation (`runtime.prediction`), as A1111 does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFolderError
+from ..fileio import read_json
+from .ldm_layout import Layout, Source, apply, read_layout, read_vae_layout
+from .model_folder import TOKENIZER_FILES, FolderPart, check_prediction_type, check_vae_path
+from .pickle_checkpoint import open_checkpoint
+from .standard_configs import LCM_SCHEDULER, SD15_SCHEDULER, SD21_SCHEDULER, SD_TURBO_SCHEDULER
+
+PARTS = ("unet", "vae", "text_encoder")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+MAX_SIDECAR_BYTES = 1 << 20
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class RenamedWeights(Mapping):
+    """One network's tensors in a checkpoint file, by module name (a ``Mapping[str, Tensor]`` with the
+    helper methods of `ComponentWeights`). Each tensor is the file's tensor or a view of it (a chunk along
+    dim 0, a reshape): nothing is copied. Holds the open file; `close` releases it."""
+
+    def __init__(self, file, mapping: dict[str, Source], source: str):
+        self.file = file
+        self.mapping = mapping
+        self.source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        src = self.mapping[name]
+        return apply(src, self.file[src.key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.mapping)
+
+    def __len__(self) -> int:
+        return len(self.mapping)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.mapping
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.file.dtype_of(self.mapping[name].key)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        src = self.mapping[name]
+        shape = tuple(self.file.shape_of(src.key))
+        if src.chunk is not None:
+            shape = (shape[0] // src.chunk[1], *shape[1:])
+        return tuple(src.shape) if src.shape is not None else shape
+
+    def nbytes_of(self, name: str) -> int:
+        return math.prod(self.shape_of(name)) * _itemsize(self.dtype_of(name))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes_of(k) for k in self.mapping)
+
+    @property
+    def files(self) -> tuple:
+        return (self.file,)
+
+    @property
+    def copied_tensors(self) -> int:
+        return self.file.copied_tensors
+
+    def is_view(self, tensor: torch.Tensor) -> bool:
+        return self.file.is_view(tensor)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "RenamedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"RenamedWeights({self.source!r}, {len(self)} tensors)"
+
+
+@dataclass(frozen=True, eq=False)
+class FilePart:
+    """One network of a single-file checkpoint: its config (inferred or from a config folder) and its
+    tensors, read from `path` through `mapping` (module name -> where in the file)."""
+
+    path: Path
+    name: str
+    mapping: dict[str, Source] = field(repr=False)
+    config: dict = field(repr=False)
+    config_from: Path | None = None  # the config.json it came from, None when inferred from the weights
+
+    @property
+    def config_path(self) -> Path:
+        """Where the config came from, for messages."""
+        return self.config_from or Path(f"{self.path} ({self.name} config inferred from the weights)")
+
+    def read_config(self) -> dict:
+        return copy.deepcopy(self.config)
+
+    def open_weights(self) -> RenamedWeights:
+        return RenamedWeights(open_checkpoint(self.path), self.mapping, f"{self.path} [{self.name}]")
+
+    def bytes_on_disk(self) -> int:
+        with self.open_weights() as w:
+            seen: dict[str, int] = {}
+            for name, src in self.mapping.items():
+                seen[src.key] = w.file.nbytes_of(src.key)
+        return sum(seen.values())
+
+    def describe(self) -> str:
+        return f"{self.path} [{self.name}]"
+
+
+def _shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Every tensor's shape in the file, and the file's metadata (safetensors header; {} for a pickle)."""
+    with open_checkpoint(path) as f:
+        return {k: tuple(f.shape_of(k)) for k in f.keys()}, dict(getattr(f, "metadata", None) or {})
+
+
+def vae_file_part(path: str | Path) -> FilePart:
+    """A single-file VAE (original layout, e.g. vae-ft-mse-840000-ema-pruned.safetensors) as a part."""
+    path = Path(path)
+    shapes, _ = _shapes(path)
+    mapping, config, _ignored = read_vae_layout(shapes)
+    return FilePart(path, "vae", mapping, config)
+
+
+def read_sidecar_parameterization(path: Path) -> str | None:
+    """A1111's sidecar: `<checkpoint stem>.yaml` beside the file (the original LDM inference config).
+    Returns "v_prediction" when it says `parameterization: "v"`, "epsilon" when it names another or none,
+    None when there is no sidecar. Only that one key is read (no YAML library needed)."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    try:
+        with open(yaml, "rb") as f:
+            text = f.read(MAX_SIDECAR_BYTES).decode("utf-8", "replace")
+    except OSError as exc:
+        raise ModelFolderError(f"{yaml}: unreadable sidecar config ({exc.strerror or exc})") from None
+    m = re.search(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z_]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)
+    return "v_prediction" if m and m.group(1) == "v" else "epsilon"
+
+
+class SingleFileModel:
+    """A single-file SD 1.x / 2.x checkpoint with the questions a `ModelFolder` answers. Open it with
+    `SingleFileModel.open` (or `model_folder.open_model`)."""
+
+    def __init__(self, path: Path, layout: Layout, config_dir: Path | None, vae: Path | None,
+                 metadata: dict):
+        self.path, self.root = path, path
+        self.layout = layout
+        self.config_dir = config_dir
+        self.replaced = () if vae is None else (("vae", vae),)
+        self.metadata = metadata
+        self.prediction_type: str | None = None
+        self.prediction_note = ""
+        self.index = {}
+
+    source = "single file"
+
+    @classmethod
+    def open(cls, path: str | Path, *, vae: str | Path | None = None, config: str | Path | None = None,
+             prediction_type: str | None = None) -> "SingleFileModel":
+        """Read the file's key set (not its tensors), recognise the architecture and settle what can be
+        settled without running the network. Raises WeightsError for a layout that is not SD 1.x / 2.x
+        (naming what it is: SDXL, SD3, Flux, an inpainting UNet, a LoRA, a VAE...), ModelFolderError for
+        a bad `config` folder or `vae`."""
+        path = Path(path)
+        config_dir = None if config is None else _check_config_dir(Path(config))
+        shapes, metadata = _shapes(path)
+        layout = read_layout(shapes)
+        model = cls(path, layout, config_dir, None if vae is None else check_vae_path(vae), metadata)
+        model._settle_prediction_type(check_prediction_type(prediction_type))
+        return model
+
+    # --- what a ModelFolder answers -----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
+
+    @property
+    def architecture(self) -> str:
+        """"SD 1.x", "SD 2.x", "SD-Turbo (SD 2.1)", with "LCM-distilled" when the UNet takes a guidance
+        embedding."""
+        name = FAMILY_NAMES[self.family]
+        if self.is_turbo:
+            name = "SD-Turbo (SD 2.1)"
+        if self.layout.unet_config.get("time_cond_proj_dim"):
+            name = f"LCM-distilled {name}"
+        return name
+
+    @property
+    def is_turbo(self) -> bool:
+        """SD-Turbo is SD 2.1 in shape; only the file's name or metadata tell it apart."""
+        arch = str(self.metadata.get("modelspec.architecture", ""))
+        return self.family == "sd2" and ("turbo" in self.path.name.lower() or "turbo" in arch.lower())
+
+    def replacement(self, name: str) -> Path | None:
+        for part, p in self.replaced:
+            if part == name:
+                return p
+        return None
+
+    def component(self, name: str) -> Path:
+        return self.path
+
+    def part(self, name: str):
+        if name not in PARTS:
+            raise KeyError(name)
+        replaced = self.replacement(name)
+        if replaced is not None:
+            return vae_file_part(replaced) if replaced.is_file() else FolderPart(replaced)
+        return self._own_part(name)
+
+    @property
+    def own_vae(self):
+        return self._own_part("vae")
+
+    def _own_part(self, name: str) -> FilePart:
+        mapping = getattr(self.layout, name)
+        config = copy.deepcopy(getattr(self.layout, f"{name}_config"))
+        config_from = None
+        given = self.config_dir / name / "config.json" if self.config_dir else None
+        if given is not None and given.is_file():
+            config, config_from = read_json(given), given
+        elif name == "unet" and self.prediction_type == "v_prediction" and not self.is_turbo:
+            config["sample_size"] = 96  # the SD 2.x v models are the 768-pixel ones
+        return FilePart(self.path, name, mapping, config, config_from)
+
+    @property
+    def scheduler_config_path(self) -> Path:
+        given = self.config_dir / "scheduler" / "scheduler_config.json" if self.config_dir else None
+        if given is not None and given.is_file():
+            return given
+        return Path(f"{self.path} (standard {self.architecture} scheduler)")
+
+    def scheduler_config(self) -> dict:
+        """The config folder's scheduler, else the standard one of this architecture (SD 1.5's PNDM, SD 2.1's,
+        SD-Turbo's trailing Euler, LCM's), with the prediction type settled for this file."""
+        path = self.scheduler_config_path
+        if path.is_file():
+            data = read_json(path)
+        elif self.layout.unet_config.get("time_cond_proj_dim"):
+            data = copy.deepcopy(LCM_SCHEDULER)
+        elif self.is_turbo:
+            data = copy.deepcopy(SD_TURBO_SCHEDULER)
+        else:
+            data = copy.deepcopy(SD21_SCHEDULER if self.family == "sd2" else SD15_SCHEDULER)
+        if self.prediction_type is not None and isinstance(data, dict):
+            data["prediction_type"] = self.prediction_type
+        return data
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        d = self.config_dir / "tokenizer" if self.config_dir else None
+        return d if d is not None and any((d / n).is_file() for n in TOKENIZER_FILES) else None
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The shipped CLIP tokenizer to use when there is no tokenizer folder: "sd1" or "sd2"."""
+        return self.family
+
+    def bytes_on_disk(self, name: str) -> int:
+        if name in PARTS:
+            return self.part(name).bytes_on_disk()
+        return 0
+
+    @property
+    def ignored(self) -> dict[str, int]:
+        """What the file holds that no network uses, by reason (EMA copies, schedule buffers, ...)."""
+        return dict(self.layout.ignored)
+
+    # --- the prediction type -------------------------------------------------------------------------
+
+    @property
+    def needs_prediction_check(self) -> bool:
+        """True for an SD 2.x file whose prediction type nothing has said: the runtime runs the check."""
+        return self.prediction_type is None
+
+    def set_prediction_type(self, value: str, note: str) -> None:
+        self.prediction_type = check_prediction_type(value)
+        self.prediction_note = note
+
+    def _settle_prediction_type(self, override: str | None) -> None:
+        given = self.config_dir / "scheduler" / "scheduler_config.json" if self.config_dir else None
+        sidecar = read_sidecar_parameterization(self.path)
+        if override is not None:
+            self.set_prediction_type(override, "set by --prediction-type")
+        elif given is not None and given.is_file():
+            value = read_json(given).get("prediction_type", "epsilon")
+            self.set_prediction_type(value if isinstance(value, str) else "epsilon", f"from {given}")
+        elif sidecar is not None:
+            self.set_prediction_type(sidecar, f"from {self.path.with_suffix('.yaml')}")
+        elif self.family == "sd1":
+            self.set_prediction_type("epsilon", "SD 1.x")
+        elif self.is_turbo:
+            self.set_prediction_type("epsilon", "SD-Turbo")
+        elif self.layout.unet_config.get("time_cond_proj_dim"):
+            self.set_prediction_type("epsilon", "LCM")
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.architecture} single file)"
+
+
+def _check_config_dir(d: Path) -> Path:
+    if not d.is_dir():
+        what = "is a file" if d.exists() else "no such folder"
+        raise ModelFolderError(f"{d}: {what}; --config takes a diffusers model folder (its configs, "
+                               "tokenizer and scheduler; weights are not needed)")
+    if not any((d / n / "config.json").is_file() for n in PARTS) and not (d / "scheduler").is_dir() \
+            and not (d / "tokenizer").is_dir():
+        raise ModelFolderError(f"{d}: holds no unet/, vae/, text_encoder/, scheduler/ or tokenizer/ to take "
+                               "configs from")
+    return d
+
+
+__all__ = ["FilePart", "RenamedWeights", "SingleFileModel", "read_sidecar_parameterization", "vae_file_part"]
