@@ -1,4 +1,5 @@
-"""CLIP's byte-level BPE tokenizer, read from a diffusers model's ``tokenizer/`` folder.
+"""CLIP's byte-level BPE tokenizer, read from a diffusers model's ``tokenizer/`` folder or built from the
+standard vocabulary that sdlite ships (for single-file checkpoints, which hold no tokenizer).
 
 Built on the ``tokenizers`` library with the same pieces transformers' ``CLIPTokenizer`` (5.x, which is the
 former ``CLIPTokenizerFast``) puts together, so ids are equal to what ``StableDiffusionPipeline`` feeds its
@@ -15,6 +16,23 @@ text encoder::
 
 Special-token strings typed into a prompt (``<|endoftext|>``, and ``"!"`` where it is SD 2.x's pad token)
 become their special ids, as in transformers.
+
+Folder formats read (`ClipTokenizer.from_folder`), as transformers 5 reads them:
+
+- the vocabulary and merges: ``tokenizer.json`` (the ``tokenizers`` library's file, the only one a folder
+  re-saved by transformers 5 holds: its BPE ``model.vocab`` and ``model.merges``, merges as ``"a b"`` strings
+  or ``[a, b]`` pairs) when the folder has one, else ``vocab.json`` + ``merges.txt`` (the older files of the
+  published SD folders). transformers 5 loads ``tokenizer.json`` first when both are there, and so does
+  sdlite. Of ``tokenizer.json`` only the vocabulary, the merges, ``added_tokens`` and the padding /
+  truncation directions are used: its normalizer, pre-tokenizer and post-processor are CLIP's own, rebuilt
+  here as transformers' ``CLIPTokenizer`` rebuilds them;
+- the special tokens and lengths: ``tokenizer_config.json`` (``model_max_length``, the named tokens,
+  ``added_tokens_decoder``, ``padding_side`` / ``truncation_side``) and, when it has no
+  ``added_tokens_decoder``, ``special_tokens_map.json`` and ``tokenizer.json``'s ``added_tokens``.
+
+Every file goes through `sdlite.fileio` (regular files only, size limits); a missing or malformed one is a
+one-line `ModelFolderError` naming it. The standard vocabulary (`ClipTokenizer.standard`) comes from OpenAI
+CLIP's ``bpe_simple_vocab_16e6.txt.gz``, shipped in ``sdlite/tokenizer/data`` (see `sdlite.tokenizer.standard`).
 """
 
 from __future__ import annotations
@@ -40,6 +58,9 @@ _UNSET_MAX_LENGTH = 10**6
 # token ids are 32-bit in the tokenizers library; no real vocabulary comes near this
 MAX_TOKEN_ID = 2**31 - 1
 _MERGES = "the tokenizer merges (merges.txt)"
+_TOKENIZER_JSON = "the tokenizer (tokenizer.json)"
+#: The files a tokenizer folder is read from: tokenizer.json, or else vocab.json + merges.txt.
+TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT = "tokenizer.json", "vocab.json", "merges.txt"
 
 CLIP_SPLIT_PATTERN = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -158,15 +179,31 @@ class ClipTokenizer:
 
     @classmethod
     def from_folder(cls, tokenizer_dir: str | Path) -> "ClipTokenizer":
-        """Load ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``).
-        Raises ModelFolderError (one line, naming the file) for a missing, oversized or malformed file."""
+        """Load a tokenizer folder: ``tokenizer.json`` when there is one (as transformers 5 does), else
+        ``vocab.json`` + ``merges.txt``; with ``tokenizer_config.json`` / ``special_tokens_map.json`` beside
+        them (see the module docstring). Raises ModelFolderError (one line, naming the file) for a missing,
+        oversized or malformed file."""
         folder = Path(tokenizer_dir)
-        vocab, settings = _read_settings(folder)
-        merges = _read_merges(folder / "merges.txt", vocab)
+        vocab, merges, settings = _read_folder(folder)
+        if merges is None:
+            merges = _read_merges(folder / MERGES_TXT, vocab)
         try:
             return cls(vocab, merges, **settings)
         except Exception as e:  # the tokenizers library's own refusals (it raises plain Exception)
             raise ModelFolderError(f"{folder}: the tokenizer files do not make a tokenizer: {_one_line(e)}") from None
+
+    @classmethod
+    def standard(cls, kind: str) -> "ClipTokenizer":
+        """The standard CLIP tokenizer of SD 1.x (``kind="sd1"``: pads with ``<|endoftext|>``) or SD 2.x
+        (``"sd2"``: pads with ``"!"``, id 0), from the vocabulary shipped with sdlite, for checkpoints that
+        hold no tokenizer. The same ids as transformers' ``CLIPTokenizer`` reading the published tokenizer
+        folders, and as `from_folder` reading one written by ``write_standard_tokenizer``. ValueError for
+        another kind."""
+        from .standard import standard_token_files, standard_vocab
+
+        config, special_map = standard_token_files(kind)
+        vocab, merges = standard_vocab()
+        return cls(vocab, merges, **_settings(config, special_map, None))
 
     # ------------------------------------------------------------------ encoding
 
@@ -220,18 +257,23 @@ class ClipTokenizer:
 # ---------------------------------------------------------------------- file reading
 
 
-def _special_tokens(config: dict, special_map: dict) -> tuple[list[SpecialToken], dict[str, SpecialToken]]:
+def _special_tokens(
+    config: dict, special_map: dict, json_added: list[SpecialToken] | None = None
+) -> tuple[list[SpecialToken], dict[str, SpecialToken]]:
     """(added tokens in id order, {bos/eos/unk/pad_token: token}). As transformers 5: when
-    tokenizer_config.json has added_tokens_decoder, special_tokens_map.json is ignored and a named token whose
-    text is in added_tokens_decoder takes that entry's flags; otherwise special_tokens_map.json's values
-    override tokenizer_config.json's. ValueError for malformed entries."""
+    tokenizer_config.json has added_tokens_decoder, special_tokens_map.json and tokenizer.json's added_tokens
+    (``json_added``) are ignored and a named token whose text is in added_tokens_decoder takes that entry's
+    flags; otherwise special_tokens_map.json's values override tokenizer_config.json's, and tokenizer.json's
+    added_tokens stand in for added_tokens_decoder. ValueError for malformed entries."""
     decoder = config.get("added_tokens_decoder")
     if decoder is not None and not isinstance(decoder, dict):
         raise ValueError("tokenizer_config.json: added_tokens_decoder must be an object")
     added = []
-    for index in sorted(decoder or {}, key=int):
+    for index in sorted(decoder or {}, key=_decoder_index):
         where = f"tokenizer_config.json: added_tokens_decoder[{index}]"
         added.append(SpecialToken.parse(decoder[index], where))
+    if decoder is None and json_added is not None:
+        added = list(json_added)
     by_content = {t.content: t for t in added}
     roles = {}
     defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
@@ -242,6 +284,13 @@ def _special_tokens(config: dict, special_map: dict) -> tuple[list[SpecialToken]
         token = SpecialToken.parse(default if value is None else value, f"{where}: {key}")
         roles[key] = by_content.get(token.content, token)
     return added, roles
+
+
+def _decoder_index(index: str) -> int:
+    try:
+        return int(index)
+    except ValueError:
+        raise ValueError(f"tokenizer_config.json: added_tokens_decoder key {index[:30]!r} is not an id") from None
 
 
 def _specials(added_tokens, roles) -> list[SpecialToken]:
@@ -258,54 +307,90 @@ def _one_line(e: BaseException) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def _read_settings(folder: Path) -> tuple[dict[str, int], dict]:
-    """(vocab.json, the keyword arguments of `ClipTokenizer` but the merges) read from a tokenizer folder."""
+def _read_folder(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]] | None, dict]:
+    """(vocab, merges, the other keyword arguments of `ClipTokenizer`) read from a tokenizer folder: from
+    tokenizer.json when it exists, else vocab.json, with merges None (merges.txt, left for the caller)."""
     if not folder.is_dir():
         raise ModelFolderError(f"tokenizer folder not found: {folder}")
-    vocab = _read_vocab(folder / "vocab.json")
     config = _read_optional_json(folder / "tokenizer_config.json")
     special_map = _read_optional_json(folder / "special_tokens_map.json")
+    json_path = folder / TOKENIZER_JSON
+    if json_path.exists():  # present but not a regular file: refused, naming it, when read
+        source = _read_tokenizer_json(json_path)
+    else:
+        source = _VocabSource(folder / VOCAB_JSON, _read_vocab(folder / VOCAB_JSON))
     try:
-        added, roles = _special_tokens(config, special_map)
-        sides = {}
-        for key in ("padding_side", "truncation_side"):
-            sides[key] = config.get(key, "right")
-            if sides[key] not in ("left", "right"):
-                raise ValueError(f"tokenizer_config.json: {key} must be 'left' or 'right', got {sides[key]!r}")
-        max_length = _max_length(config)
+        settings = _settings(config, special_map, source)
     except ValueError as e:
         raise ModelFolderError(f"{folder}: {e}") from None
     # An added token whose content is in the vocab keeps its vocab id; those must exist for bos/eos.
     for key in ("bos_token", "eos_token"):
-        if roles[key].content not in vocab:
-            raise ModelFolderError(f"{folder / 'vocab.json'}: has no entry for the {key} {roles[key].content!r}")
-    return vocab, dict(max_length=max_length, bos_token=roles["bos_token"], eos_token=roles["eos_token"],
-                       unk_token=roles["unk_token"], pad_token=roles["pad_token"], added_tokens=added, **sides)
+        if settings[key].content not in source.vocab:
+            raise ModelFolderError(f"{source.path}: has no entry for the {key} {settings[key].content!r}")
+    return source.vocab, source.merges, settings
+
+
+@dataclass
+class _VocabSource:
+    """The vocabulary as one file gives it: vocab.json (merges in merges.txt, not read here: None) or
+    tokenizer.json (merges, added tokens and padding / truncation directions too)."""
+
+    path: Path
+    vocab: dict[str, int]
+    merges: list[tuple[str, str]] | None = None
+    added: list[SpecialToken] | None = None
+    sides: dict[str, str] | None = None
+
+
+def _settings(config: dict, special_map: dict, source: _VocabSource | None) -> dict:
+    """The keyword arguments of `ClipTokenizer` but vocab and merges, from the two config files' contents and
+    what tokenizer.json adds (``source``). ValueError for malformed values."""
+    added, roles = _special_tokens(config, special_map, source.added if source else None)
+    sides = {}
+    for key in ("padding_side", "truncation_side"):
+        sides[key] = config.get(key, ((source and source.sides) or {}).get(key, "right"))
+        if sides[key] not in ("left", "right"):
+            raise ValueError(f"tokenizer_config.json: {key} must be 'left' or 'right', got {sides[key]!r}")
+    return dict(max_length=_max_length(config), bos_token=roles["bos_token"], eos_token=roles["eos_token"],
+                unk_token=roles["unk_token"], pad_token=roles["pad_token"], added_tokens=added, **sides)
+
+
+def tokenizer_files_present(tokenizer_dir: str | Path) -> bool:
+    """True when `tokenizer_dir` has the file a tokenizer is read from: ``tokenizer.json`` (a folder re-saved
+    by transformers 5 holds only that one) or ``vocab.json`` (the published SD folders; ``merges.txt`` beside
+    it is checked when read). Like a model folder's other checks, a path that exists but is not a regular
+    file counts: reading it refuses it, naming it. Cheap: reads nothing."""
+    folder = Path(tokenizer_dir)
+    return (folder / TOKENIZER_JSON).exists() or (folder / VOCAB_JSON).exists()
 
 
 def max_token_id(tokenizer_dir: str | Path) -> int:
     """The largest token id the tokenizer in `tokenizer_dir` can emit (a text encoder must take ids below
-    its vocab_size). Reads vocab.json and the token configs; of merges.txt (merges only combine vocab
-    entries) only checks that it is a regular file within the size limit, without parsing it, so it is
-    cheap. Raises ModelFolderError as `ClipTokenizer.from_folder` does."""
+    its vocab_size). Reads the vocabulary (vocab.json, or tokenizer.json, merges included) and the token
+    configs; of merges.txt (merges only combine vocab entries) only checks that it is a regular file within
+    the size limit, without parsing it, so it is cheap. Raises ModelFolderError as `ClipTokenizer.from_folder`
+    does."""
     folder = Path(tokenizer_dir)
-    vocab, settings = _read_settings(folder)
-    merges = folder / "merges.txt"
-    with open_regular_file(merges, _MERGES) as f:
-        size = os.fstat(f.fileno()).st_size
-    if size > MAX_TOKENIZER_BYTES:
-        raise ModelFolderError(f"{merges}: {_MERGES} is {size} bytes, more than the {MAX_TOKENIZER_BYTES}-byte "
-                               "limit for this kind of file")
+    vocab, merges, settings = _read_folder(folder)
+    if merges is None:
+        _check_merges_file(folder / MERGES_TXT)
     roles = [settings[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
-    roles = [r if isinstance(r, SpecialToken) else SpecialToken(r) for r in roles]
     specials = _specials(settings["added_tokens"], roles)
-    try:  # the ids the tokenizers library gives added tokens that are not in vocab.json
+    try:  # the ids the tokenizers library gives added tokens that are not in the vocabulary
         tok = Tokenizer(BPE(vocab=dict(vocab), merges=[], unk_token=roles[2].content))
         tok.add_special_tokens([s.added_token() for s in specials])
         ids = [tok.token_to_id(s.content) for s in specials]
     except Exception as e:
         raise ModelFolderError(f"{folder}: the tokenizer files do not make a tokenizer: {_one_line(e)}") from None
     return max([*vocab.values(), *(i for i in ids if i is not None)])
+
+
+def _check_merges_file(path: Path) -> None:
+    with open_regular_file(path, _MERGES) as f:
+        size = os.fstat(f.fileno()).st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelFolderError(f"{path}: {_MERGES} is {size} bytes, more than the {MAX_TOKENIZER_BYTES}-byte "
+                               "limit for this kind of file")
 
 
 def _max_length(config: dict) -> int:
@@ -332,17 +417,31 @@ def _read_optional_json(path: Path) -> dict:
 
 def _read_vocab(path: Path) -> dict[str, int]:
     vocab = read_json(path, "the tokenizer vocabulary (vocab.json)", want_object=False, limit=MAX_TOKENIZER_BYTES)
+    try:
+        return _check_vocab(vocab)
+    except ValueError as e:
+        raise ModelFolderError(f"{path}: {e}") from None
+
+
+def _check_vocab(vocab, what: str = "") -> dict[str, int]:
+    """`vocab` if it is a non-empty object of token -> distinct id in 0 .. MAX_TOKEN_ID, else ValueError."""
     if not isinstance(vocab, dict) or not vocab:
-        raise ModelFolderError(f"{path}: expected a non-empty JSON object of token -> id")
+        raise ValueError(f"{what}expected a non-empty JSON object of token -> id")
     ids = set()
     for token, index in vocab.items():
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_TOKEN_ID:
-            raise ModelFolderError(
-                f"{path}: token {token[:60]!r} has id {index!r}, expected an integer from 0 to {MAX_TOKEN_ID}")
+            raise ValueError(
+                f"{what}token {token[:60]!r} has id {index!r}, expected an integer from 0 to {MAX_TOKEN_ID}")
         ids.add(index)
     if len(ids) != len(vocab):
-        raise ModelFolderError(f"{path}: two tokens share an id")
+        raise ValueError(f"{what}two tokens share an id")
     return vocab
+
+
+def _check_merge(left: str, right: str, vocab: dict[str, int], where: str, vocab_name: str) -> None:
+    for token in (left, right, left + right):
+        if token not in vocab:
+            raise ValueError(f"{where} uses {token[:60]!r}, which is not in {vocab_name}")
 
 
 def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
@@ -364,11 +463,76 @@ def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
         parts = line.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ModelFolderError(f"{path}: line {lineno} is not a merge 'left right': {line[:60]!r}")
-        left, right = parts
-        for token in (left, right, left + right):
-            if token not in vocab:
-                raise ModelFolderError(
-                    f"{path}: line {lineno} ({line[:60]!r}) uses {token!r}, which is not in vocab.json"
-                )
-        merges.append((left, right))
+        try:
+            _check_merge(parts[0], parts[1], vocab, f"line {lineno} ({line[:60]!r})", VOCAB_JSON)
+        except ValueError as e:
+            raise ModelFolderError(f"{path}: {e}") from None
+        merges.append((parts[0], parts[1]))
     return merges
+
+
+# ---------------------------------------------------------------------- tokenizer.json
+
+
+def _read_tokenizer_json(path: Path) -> _VocabSource:
+    """tokenizer.json's BPE vocabulary, merges, added tokens and padding / truncation directions, as
+    transformers' ``CLIPTokenizer`` takes them from it. ModelFolderError naming the file when malformed."""
+    data = read_json(path, _TOKENIZER_JSON, limit=MAX_TOKENIZER_BYTES)
+    try:
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise ValueError("has no 'model' object")
+        kind = model.get("type", "BPE")
+        if kind != "BPE":
+            raise ValueError(f"model type is {str(kind)[:40]!r}, not 'BPE' (a CLIP tokenizer is byte-level BPE)")
+        vocab = _check_vocab(model.get("vocab"), "model.vocab: ")
+        merges = _json_merges(model.get("merges"), vocab)
+        added = _json_added_tokens(data.get("added_tokens", []))
+        sides = {"padding_side": _json_direction(data, "padding"),
+                 "truncation_side": _json_direction(data, "truncation")}
+    except ValueError as e:
+        raise ModelFolderError(f"{path}: {e}") from None
+    return _VocabSource(path, vocab, merges, added, {k: v for k, v in sides.items() if v is not None})
+
+
+def _json_merges(merges, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """model.merges: a list of ``"left right"`` strings (older files) or of ``[left, right]`` pairs."""
+    if not isinstance(merges, list):
+        raise ValueError("model.merges must be a list of merges")
+    out = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)):
+            raise ValueError(f"model.merges[{i}] is not a merge 'left right' or [left, right]: {str(merge)[:60]!r}")
+        _check_merge(pair[0], pair[1], vocab, f"model.merges[{i}]", "model.vocab")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _json_added_tokens(entries) -> list[SpecialToken]:
+    """added_tokens: objects with an id and a content (and matching flags), in id order; when two share an id
+    the last one counts, as in transformers."""
+    if not isinstance(entries, list):
+        raise ValueError("added_tokens must be a list")
+    by_id: dict[int, SpecialToken] = {}
+    for i, entry in enumerate(entries):
+        where = f"added_tokens[{i}]"
+        index = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_TOKEN_ID:
+            raise ValueError(f"{where}: expected an object with an integer 'id' from 0 to {MAX_TOKEN_ID}")
+        if not isinstance(entry.get("special", False), bool):
+            raise ValueError(f"{where}: 'special' must be true/false")
+        by_id[index] = SpecialToken.parse(entry, where)
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def _json_direction(data: dict, key: str) -> str | None:
+    """'left' / 'right' from tokenizer.json's padding or truncation settings (transformers takes them as the
+    default padding_side / truncation_side), or None when it has none."""
+    settings = data.get(key)
+    if settings is None:
+        return None
+    direction = settings.get("direction") if isinstance(settings, dict) else None
+    if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
+        raise ValueError(f"{key} must be null or an object with a direction 'Left' or 'Right'")
+    return direction.lower()

@@ -1,8 +1,12 @@
 """Writing a CLIP-format tokenizer folder (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json).
 
-The real CLIP vocabulary cannot be shipped or downloaded everywhere, so tests and the random-model generator
-learn a small byte-level BPE vocabulary of their own and write it in exactly the layout of openai's CLIP
-tokenizer as a diffusers model folder holds it:
+Two writers:
+
+- `write_standard_tokenizer`: the real SD 1.x / 2.x tokenizer (49408 ids), from OpenAI CLIP's vocabulary that
+  sdlite ships (`sdlite.tokenizer.standard`), e.g. for a model folder made from a single-file checkpoint;
+- `write_clip_tokenizer`: a small vocabulary learned on a corpus, for tests and the random-model generator
+  (tiny text encoders), written in exactly the layout of openai's CLIP tokenizer as a diffusers model
+  folder holds it:
 
 - vocab.json: the 256 byte-level characters (in GPT-2's ``bytes_to_unicode`` order), the same 256 with
   ``</w>`` appended, one entry per merge (the merged string, in merge order), then ``<|startoftext|>`` and
@@ -30,6 +34,7 @@ from .clip import (
     clip_normalizer,
     clip_pre_tokenizer,
 )
+from .standard import standard_token_files, standard_vocab
 
 MIN_VOCAB_SIZE = 2 * 256 + 2  # the byte-level alphabet, with and without </w>, and the two special tokens
 
@@ -236,10 +241,7 @@ def write_clip_tokenizer(
     vocab = {tok: i for i, tok in enumerate(tokens)}
     assert len(vocab) == len(tokens), "duplicate token in the learned vocabulary"
 
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    _write_vocab_and_merges(folder, vocab, merges)
 
     bos, eos = _added_token(BOS_TOKEN), _added_token(EOS_TOKEN)
     special_tokens_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad_token, "unk_token": eos}
@@ -270,5 +272,32 @@ def write_clip_tokenizer(
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": typed(eos),
     }
+    write_json(folder / "tokenizer_config.json", tokenizer_config)
+    return len(vocab)
+
+
+def _write_vocab_and_merges(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """vocab.json (one line, tokens in id order, not ASCII-escaped) and merges.txt (``#version: 0.2``, then one
+    ``left right`` per line), as transformers' slow tokenizers write them."""
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+
+
+def write_standard_tokenizer(folder: str | Path, kind: str) -> int:
+    """Write the standard CLIP tokenizer of SD 1.x (``kind="sd1"``) or SD 2.x (``"sd2"``) as a diffusers
+    ``tokenizer/`` folder: vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, as the
+    published SD folders have them (see `sdlite.tokenizer.standard`). Return the vocabulary size (49408).
+
+    ``ClipTokenizer.from_folder(folder)`` and transformers' ``CLIPTokenizer.from_pretrained(folder)`` read
+    it and give the ids of ``ClipTokenizer.standard(kind)``. Every write gives byte-identical files.
+    ValueError for another kind (before anything is written)."""
+    tokenizer_config, special_tokens_map = standard_token_files(kind)
+    vocab, merges = standard_vocab()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_vocab_and_merges(folder, vocab, merges)
+    write_json(folder / "special_tokens_map.json", special_tokens_map)
     write_json(folder / "tokenizer_config.json", tokenizer_config)
     return len(vocab)

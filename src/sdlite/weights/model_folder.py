@@ -161,7 +161,8 @@ class ModelFolder:
             names = TOKENIZER_FILES if part == "tokenizer" else (CONFIG_FILE[part],)
             # present but not a regular file: refused when read
             if not any((folder.component(part) / n).exists() for n in names):
-                raise ModelFolderError(f"{root}: missing {part}/{CONFIG_FILE[part]}")
+                also = " (or tokenizer/tokenizer.json)" if part == "tokenizer" else ""
+                raise ModelFolderError(f"{root}: missing {part}/{CONFIG_FILE[part]}{also}")
         return folder
 
     def component(self, name: str) -> Path:
