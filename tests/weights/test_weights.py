@@ -551,7 +551,7 @@ def test_component_pickle_only_and_empty(tmp_path):
     with pytest.raises(WeightsError) as e:
         load_component_weights(folder)
     msg = str(e.value)
-    assert "only pickle checkpoints" in msg and "only\n.safetensors" not in msg and ".safetensors for now" in msg
-    assert "Convert" in msg and str(folder) in msg
+    assert "only pickle checkpoints" in msg and "\n" not in msg and "from .safetensors only" in msg
+    assert "Convert" in msg and str(folder) in msg and "-m FILE.ckpt" in msg
     with pytest.raises(WeightsError, match="no such folder"):
         load_component_weights(tmp_path / "nope")

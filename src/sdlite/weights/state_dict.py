@@ -330,12 +330,10 @@ def load_component_weights(folder: str | os.PathLike, *, variant: str | None = N
 
     pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
     if pickles:
-        stem = os.path.splitext(pickles[0])[0]
         raise WeightsError(
-            f"{folder}: only pickle checkpoints found ({format_names(pickles, 3)}); sdlite reads only "
-            f".safetensors for now. Convert it first, e.g. python -c \"import torch; "
-            f"from safetensors.torch import save_file; "
-            f"save_file(torch.load('{pickles[0]}', map_location='cpu', weights_only=True), '{stem}.safetensors')\""
+            f"{folder}: only pickle checkpoints found ({format_names(pickles, 3)}); a diffusers folder is read "
+            "from .safetensors only. Convert it once with a tool you trust, or get the .safetensors files "
+            "(single-file .ckpt models are read directly: -m FILE.ckpt)"
         )
     looked = ", ".join(n for n, _ in _candidates(variant)[:4])
     raise WeightsError(f"{folder}: no weights file found (looked for {looked}, shard indexes and .fp16 variants)")
