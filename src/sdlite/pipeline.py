@@ -46,6 +46,7 @@ from .runtime.progress import CancelFn, ProgressFn, StepReporter, cancel_check
 from .runtime.residency import Residency
 from .runtime.threads import configure_threads
 from .runtime.tiled_vae import decode_tiled
+from .samplers.schedule import fix_outdated_scheduler_config
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
 from .weights.model_folder import ModelFolder, open_model, shipped_model
@@ -368,8 +369,10 @@ def _tokenizer(folder: ModelFolder) -> ClipTokenizer:
 
 def scheduler_config_of(folder: ModelFolder) -> dict:
     """The model's scheduler config, with the outdated values old SD 1.x uploads carry fixed as diffusers'
-    StableDiffusionPipeline fixes them (each fix warned about, once per load)."""
-    from .samplers.schedule import fix_outdated_scheduler_config  # TEMP: lazy until the helper lands it
+    StableDiffusionPipeline fixes them (each fix warned about, once per load). An LCM-distilled UNet's
+    config is left as it is, as diffusers' LatentConsistencyModelPipeline leaves it."""
+    if unet_config(folder).time_cond_proj_dim:
+        return folder.scheduler_config()
     config, notes = fix_outdated_scheduler_config(folder.scheduler_config())
     for note in notes:
         warnings.warn(f"{folder.scheduler_config_path}: {note}", OutdatedConfigWarning, stacklevel=2)

@@ -237,8 +237,12 @@ def drop_file_cache(path: str | os.PathLike) -> None:
 
 
 def evict_folder(folder: str | os.PathLike) -> int:
-    """Drop every file below `folder` from the page cache (see `drop_file_cache`), so that the next reader
-    is charged for its pages. Returns how many files were advised."""
+    """Drop every file below `folder` (or the file `folder` itself: a single-file checkpoint) from the page
+    cache (see `drop_file_cache`), so that the next reader is charged for its pages. Returns how many files
+    were advised."""
+    if Path(folder).is_file():
+        drop_file_cache(folder)
+        return 1
     n = 0
     for p in Path(folder).rglob("*"):
         if p.is_file():

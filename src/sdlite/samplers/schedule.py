@@ -230,6 +230,42 @@ def resolve_config(class_name: str, config: dict, **forced) -> dict:
     return cfg
 
 
+_OUTDATED_NOTE = "using {new} as diffusers' StableDiffusionPipeline does with an outdated scheduler config"
+
+
+def fix_outdated_scheduler_config(config: dict) -> tuple[dict, list[str]]:
+    """A model folder's raw scheduler config with the values diffusers' `StableDiffusionPipeline.__init__`
+    rewrites in outdated SD 1.x configs, and one line per rewrite to warn with.
+
+    diffusers rewrites `steps_offset` != 1 to 1 and `clip_sample` true to false (with a deprecation warning)
+    on the scheduler it loads; which class declares those keys does not matter (a PNDM config's clip_sample
+    is kept and rewritten too). Only keys the file sets are rewritten here: for a key the file lacks,
+    diffusers rewrites the class default (0, or DDIM's clip_sample true) on its own scheduler object, but
+    that config lists the key in `_use_default_values`, so `XScheduler.from_config(pipe.scheduler.config)`,
+    how diffusers switches samplers and the result sdlite's samplers reproduce, drops the rewrite and takes
+    X's default again. Keys listed in the config's own `_use_default_values` count as unset likewise.
+    Apply this to the folder's config before `resolve_config` turns it into a sampler's. diffusers'
+    LatentConsistencyModelPipeline makes no such rewrite.
+
+    Pure: `config` is not modified; an up-to-date config comes back equal, with no lines. A line reads
+    e.g. "steps_offset is 0; using 1 as diffusers' StableDiffusionPipeline does with an outdated scheduler
+    config" (the caller prefixes the file's name). Values are not validated here (`check_scheduler_config`).
+    """
+    defaulted = config.get("_use_default_values")
+
+    def is_set(key: str) -> bool:
+        return key in config and not (isinstance(defaulted, list) and key in defaulted)
+
+    fixed, notes = dict(config), []
+    if is_set("steps_offset") and config["steps_offset"] != 1:
+        fixed["steps_offset"] = 1
+        notes.append(f"steps_offset is {_short(config['steps_offset'])}; " + _OUTDATED_NOTE.format(new=1))
+    if is_set("clip_sample") and config["clip_sample"] is True:
+        fixed["clip_sample"] = False
+        notes.append("clip_sample is true; " + _OUTDATED_NOTE.format(new="false"))
+    return fixed, notes
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The training schedule
 
