@@ -1,4 +1,5 @@
-"""Named architectures as diffusers config dicts: real SD 1.5 / BK-SDM shapes and tiny test shapes.
+"""Named architectures as diffusers config dicts: real SD 1.5 / BK-SDM shapes and tiny test shapes
+(the SD 1.5 configs themselves are product data, `sdlite.weights.standard_configs`, re-exported here).
 
 `random_model.write_random_model(arch, folder)` writes a complete random-weight diffusers folder for any
 of these, so tests and benches can exercise the real loading paths without downloadable weights.
@@ -8,77 +9,14 @@ from __future__ import annotations
 
 import copy
 
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
-
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-05,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "use_linear_projection": False,
-    "upcast_attention": False,
-}
-
-SD15_VAE = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-
-SD15_TEXT = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-    "torch_dtype": "float32",
-}
+from ..weights.standard_configs import (
+    LCM_SCHEDULER,
+    SD15_SCHEDULER,
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SD21_BASE_SCHEDULER,
+)
 
 
 def _merged(base: dict, **changes) -> dict:
@@ -146,12 +84,33 @@ TINY_TAESD = _merged(TAESD, encoder_block_out_channels=[16, 16], decoder_block_o
 TINY_TEXT = _merged(SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, projection_dim=32)
 
+# SD 2.x-shaped tiny model: linear projections, upcast attention, a head count per block (16-wide heads),
+# GELU text encoder whose width is the UNet's context width (as OpenCLIP ViT-H's 1024 is SD 2.x's)
+TINY_SD2_UNET = _merged(TINY_UNET, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+                        upcast_attention=True)
+
+TINY_SD2_TEXT = _merged(TINY_TEXT, hidden_size=TINY_SD2_UNET["cross_attention_dim"], num_attention_heads=2,
+                        hidden_act="gelu")
+
+# Tiny, but by SD 1.x's conventions where the weights cannot tell (8 heads per block, 64-wide text heads,
+# 32 norm groups, the full CLIP vocabulary), so that a single file of it runs with no config folder.
+TINY_STD_UNET = _merged(TINY_UNET, norm_num_groups=32, attention_head_dim=8, cross_attention_dim=64)
+TINY_STD_VAE = _merged(TINY_VAE, norm_num_groups=32)
+TINY_STD_TEXT = _merged(SD15_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=1, projection_dim=64)
+
 # arch name -> (unet, vae, text_encoder, scheduler, tokenizer vocab size or None for full CLIP size)
 ARCHITECTURES: dict[str, dict] = {
     "tiny": {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT,
              "scheduler": SD15_SCHEDULER, "vocab_size": 1000},
+    "tiny-sd2": {"unet": TINY_SD2_UNET, "vae": TINY_VAE, "text_encoder": TINY_SD2_TEXT,
+                 "scheduler": SD21_BASE_SCHEDULER, "vocab_size": 1000},
     "tiny-bk": {"unet": TINY_BK_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT,
                 "scheduler": SD15_SCHEDULER, "vocab_size": 1000},
+    "tiny-lcm": {"unet": _merged(TINY_UNET, time_cond_proj_dim=32), "vae": TINY_VAE, "text_encoder": TINY_TEXT,
+                 "scheduler": LCM_SCHEDULER, "vocab_size": 1000},
+    "tiny-std": {"unet": TINY_STD_UNET, "vae": TINY_STD_VAE, "text_encoder": TINY_STD_TEXT,
+                 "scheduler": SD15_SCHEDULER, "vocab_size": 49408},
     "bk-sdm-tiny": {"unet": BK_SDM_TINY_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT,
                     "scheduler": SD15_SCHEDULER, "vocab_size": 49408},
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT,

@@ -58,7 +58,7 @@ def _write_random_model(arch: str, folder: str | Path, seed: int, dtype: torch.d
         g = torch.Generator().manual_seed(seed)
         vocab = write_clip_tokenizer(out.root / "tokenizer", vocab_size=min(spec["vocab_size"], 4000))
         text_cfg = spec["text_encoder"]
-        text_cfg["vocab_size"] = max(text_cfg["vocab_size"], vocab) if arch in ("sd15", "bk-sdm-tiny") \
+        text_cfg["vocab_size"] = max(text_cfg["vocab_size"], vocab) if arch in ("sd15", "bk-sdm-tiny", "tiny-std") \
             else vocab
         text_cfg["bos_token_id"], text_cfg["eos_token_id"] = vocab - 2, vocab - 1
         parts = [
