@@ -140,11 +140,13 @@ def test_bad_arguments(tiny_model, tmp_path, capsys, args, needle):
     ("{tmp}/missing", "{tmp}/o.png", "no such model folder"),
     ("{model}", "{tmp}/nodir/o.png", "does not exist"),
     ("{model}", "{tmp}/o.gif", ".png, .jpg or .webp"),  # .jpg/.webp are written since A1111 users ask
-    ("{file}", "{tmp}/o.png", "is a file"),
+    ("{file}", "{tmp}/o.png", "corrupt safetensors header"),  # a file is read as a single-file checkpoint
+    ("{tmp}/x.onnx", "{tmp}/o.png", ".safetensors"),  # a suffix no reader takes: the ones read are named
 ])
 def test_bad_paths(tiny_model, tmp_path, capsys, model, output, needle):
     f = tmp_path / "file.safetensors"
     f.write_bytes(b"12345678")
+    (tmp_path / "x.onnx").write_bytes(b"12345678")
     fmt = dict(tmp=tmp_path, model=tiny_model, file=f)
     code, _, err = run(["generate", "x", "-m", model.format(**fmt), "-o", output.format(**fmt), *FAST],
                        capsys)

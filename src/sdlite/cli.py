@@ -178,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the weights: int8 (per-channel scales) for the UNet and text encoder's "
                         "layers, fp16 elsewhere; fp16 everything; or fp32")
 
-    r = sub.add_parser("random-model", help="write a random-weight diffusers folder (tests, benches)",
-                       formatter_class=HelpFormatter)
-    r.add_argument("arch", help="tiny, tiny-bk, bk-sdm-tiny or sd15 (a whole model); taesd or tiny-taesd "
-                                "(a VAE folder for --vae)")
-    r.add_argument("output", help="the folder to write (must not exist)")
+    r = sub.add_parser("random-model", help="write a random-weight diffusers folder or single file (tests, "
+                       "benches)", formatter_class=HelpFormatter)
+    r.add_argument("arch", help="tiny, tiny-std, tiny-sd2, tiny-bk, tiny-lcm, bk-sdm-tiny or sd15 (a whole "
+                                "model); taesd or tiny-taesd (a VAE folder for --vae)")
+    r.add_argument("output", help="the folder to write (must not exist); a name ending in .safetensors or .ckpt "
+                                  "writes a single file in the original SD layout instead")
     r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
     r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="storage of the weights")
 
@@ -422,7 +423,19 @@ def cmd_random_model(args) -> int:
         raise CliError(f"{args.output}: already exists")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     write = write_random_vae if args.arch in VAE_ARCHITECTURES else write_random_model
-    write(args.arch, args.output, seed=args.seed, dtype=dtype)
+    suffix = Path(args.output).suffix.lower()
+    if suffix in (".safetensors", ".ckpt"):
+        import tempfile
+
+        from .testing.single_file import write_single_file
+        if args.arch in VAE_ARCHITECTURES:
+            raise CliError("a single file is written for whole models only")
+        with tempfile.TemporaryDirectory(dir=Path(args.output).parent, prefix=".sdlite-random-") as tmp:
+            folder = write(args.arch, Path(tmp) / "model", seed=args.seed, dtype=dtype)
+            done = write_single_file(folder, Path(tmp) / f"model{suffix}", fmt=suffix[1:], dtype=dtype)
+            os.replace(done, args.output)  # complete, or not there at all
+    else:
+        write(args.arch, args.output, seed=args.seed, dtype=dtype)
     print(args.output)
     return 0
 
