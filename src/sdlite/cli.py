@@ -433,6 +433,9 @@ def cmd_random_model(args) -> int:
         with tempfile.TemporaryDirectory(dir=Path(args.output).parent, prefix=".sdlite-random-") as tmp:
             folder = write(args.arch, Path(tmp) / "model", seed=args.seed, dtype=dtype)
             done = write_single_file(folder, Path(tmp) / f"model{suffix}", fmt=suffix[1:], dtype=dtype)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(done, 0o666 & ~umask)  # as a plain file write would leave it
             os.replace(done, args.output)  # complete, or not there at all
     else:
         write(args.arch, args.output, seed=args.seed, dtype=dtype)
