@@ -42,7 +42,7 @@ from .runtime.kv_cache import cross_attention_cache
 from .runtime.planner import Plan, SizePlans, make_plan
 from .runtime.prediction import settle_prediction_type
 from .runtime.profiler import Profiler
-from .runtime.progress import CancelFn, ProgressFn, StepReporter, cancel_check
+from .runtime.progress import CancelFn, LatentsFn, ProgressFn, StepReporter, cancel_check
 from .runtime.residency import Residency
 from .runtime.threads import configure_threads
 from .runtime.tiled_vae import decode_tiled
@@ -285,9 +285,12 @@ class Pipeline:
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
             cancel: threading.Event | CancelFn | None = None,
             latents: torch.Tensor | None = None,
-            profiler: Profiler | None = None) -> GenerationResult:
+            profiler: Profiler | None = None,
+            on_latents: LatentsFn | None = None) -> GenerationResult:
         """Generate the image `request` describes (see `generate` for the arguments and errors). The
-        request is validated against the library's caps and the model's schedule unless it already was."""
+        request is validated against the library's caps and the model's schedule unless it already was.
+        `on_latents(step, total, x)` gets the latents (1, C, h, w) float32 after each step, on the compute
+        thread, before `progress` (for previews: do not modify x, copy what you keep)."""
         request.validate(self.caps, self.scheduler_config)
         cancelled = cancel_check(cancel)
         interrupted = threading.Event()  # the caller stopped waiting (e.g. Ctrl-C): stop at the next step
@@ -300,13 +303,14 @@ class Pipeline:
         try:
             with self._lock:
                 return run_on_compute_thread(self._run, request, progress, is_cancelled, latents, prof,
-                                             on_interrupt=interrupted.set)
+                                             on_latents, on_interrupt=interrupted.set)
         finally:
             if own_profiler:
                 prof.close()
 
     def _run(self, request: GenerationRequest, progress: ProgressFn | None, is_cancelled: CancelFn,
-             latents: torch.Tensor | None, prof: Profiler) -> GenerationResult:
+             latents: torch.Tensor | None, prof: Profiler, on_latents: LatentsFn | None = None
+             ) -> GenerationResult:
         plan = self.plan_for(request.width, request.height)
         if is_cancelled():
             raise Cancelled("cancelled before start")
@@ -326,7 +330,7 @@ class Pipeline:
             # 3. the sampler loop over the UNet
             with prof.stage("unet_ready" if "unet" in stages.loaded() else "load_unet"):
                 stages.acquire("unet")
-            with StepReporter(prof, progress, is_cancelled) as on_step:
+            with StepReporter(prof, progress, is_cancelled, on_latents) as on_step:
                 final = self.denoise(noise, cond, uncond, request, generator, on_step, plan)
             _check_finite(final, "denoise", "latents")
             stages.release("unet", plan)

@@ -252,7 +252,7 @@ class ScriptedPipe:
         self.gate.set()
         self.steps_run = 0
 
-    def run(self, request, progress=None, cancel=None):
+    def run(self, request, progress=None, cancel=None, on_latents=None):
         for i in range(request.steps):
             self.gate.wait(10)
             time.sleep(0.01)

@@ -36,7 +36,7 @@ class ScriptedPipe:
         self.steps_run = 0
         self.fail = False
 
-    def run(self, request, progress=None, cancel=None):
+    def run(self, request, progress=None, cancel=None, on_latents=None):
         self.started.append(request.prompt)
         if self.fail:
             raise RuntimeError("boom")

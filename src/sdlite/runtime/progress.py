@@ -11,14 +11,17 @@ from ..errors import Cancelled
 from .profiler import Profiler
 
 ProgressFn = Callable[[int, int], None]      # (steps done, total steps)
+LatentsFn = Callable[[int, int, torch.Tensor], None]  # (steps done, total, the latents after that step)
 CancelFn = Callable[[], bool]                # True: stop at the next step
 
 
 class StepReporter:
     """Profiles each sampler step as "step i", reports progress and checks for cancellation after it."""
 
-    def __init__(self, prof: Profiler, progress: ProgressFn | None, is_cancelled: CancelFn):
+    def __init__(self, prof: Profiler, progress: ProgressFn | None, is_cancelled: CancelFn,
+                 on_latents: LatentsFn | None = None):
         self.prof, self.progress, self.is_cancelled = prof, progress, is_cancelled
+        self.on_latents = on_latents
         self.handle = None
 
     def __enter__(self) -> Callable[[int, int, torch.Tensor], None]:
@@ -28,6 +31,8 @@ class StepReporter:
     def on_step(self, i: int, total: int, x: torch.Tensor) -> None:
         self.prof.end(self.handle)
         self.handle = None
+        if self.on_latents is not None:
+            self.on_latents(i + 1, total, x)
         if self.progress is not None:
             self.progress(i + 1, total)
         if self.is_cancelled():

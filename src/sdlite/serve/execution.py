@@ -20,6 +20,7 @@ import io
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,6 +105,13 @@ class Job:
         self.error: ServeError | None = None
         self.stop_code: str | None = None  # set when the job must stop at its next step boundary
         self.client_deadline = False       # the deadline is the client's choice, not the server's default
+        self.id = uuid.uuid4().hex         # for front ends that address jobs (the page's progress stream)
+        # live state for progress front ends (A1111 /progress, the page's events): steps done over the
+        # whole job (all n images), the image being made (0-based), and the latents after the last step
+        self.step = 0
+        self.total = request.steps * n
+        self.image_index = 0
+        self.latents = None                # (1, C, h, w) float32 copy, or None before the first step
         self._done = threading.Event()
 
     @property
@@ -162,6 +170,11 @@ class Executor:
     def load(self) -> tuple[int, int]:
         with self._cond:
             return len(self._running), len(self._waiting)
+
+    def jobs(self) -> tuple[list[Job], list[Job]]:
+        """(running, waiting) jobs now, the waiting ones in queue order (a snapshot)."""
+        with self._cond:
+            return list(self._running), list(self._waiting)
 
     def _gauges(self) -> None:
         self.metrics.queue_depth.set(len(self._waiting))
@@ -325,7 +338,11 @@ class Executor:
                 return True
             return False
 
+        def on_latents(step: int, steps: int, x) -> None:
+            job.latents = x.detach().clone()  # a copy: a front end may read it while the sampler goes on
+
         def progress(step: int, steps: int) -> None:
+            job.step, job.image_index = done_steps + step, i_box[0]
             now = time.monotonic()
             self.metrics.step_seconds.observe(now - last[0])
             self.metrics.steps.inc()
@@ -333,10 +350,12 @@ class Executor:
             job._emit(Event("progress", done_steps + step, total, now - job.started_at))
 
         images: list[Image] = []
+        i_box = [0]
         try:
             for i in range(job.n):
+                i_box[0] = i
                 request = dataclasses.replace(job.request, seed=(job.request.seed + i) % 2**64)
-                result = self.pipe.run(request, progress=progress, cancel=should_stop)
+                result = self.pipe.run(request, progress=progress, cancel=should_stop, on_latents=on_latents)
                 result.timings = summarize_timings(result.timings)
                 t0 = time.perf_counter()
                 png = encode_png(result)
