@@ -14,7 +14,7 @@ from sdlite.errors import ModelFolderError, WeightsError
 from sdlite.pipeline import Pipeline
 from sdlite.testing.random_model import write_random_model
 from sdlite.testing.single_file import write_single_file
-from sdlite.weights.model_folder import open_model
+from sdlite.weights.sources import open_model
 
 GEN = dict(steps=3, cfg_scale=7.5, seed=77, width=64, height=64, sampler="euler")
 PROMPT = "a red circle"

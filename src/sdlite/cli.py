@@ -264,7 +264,7 @@ def cmd_generate(args) -> int:
     from .runtime.components import check_vae_matches, native_size
     from .runtime.prediction import settle_prediction_type
     from .runtime.profiler import Profiler
-    from .weights.model_folder import open_model
+    from .weights.sources import open_model
 
     model = resolve_model(args.model)
     output = Path(args.output)
@@ -319,7 +319,7 @@ def cmd_info(args) -> int:
     from .runtime.components import check_vae_matches, is_taesd, native_size, unet_config, vae_config
     from .runtime.prediction import settle_prediction_type
     from .units import format_bytes
-    from .weights.model_folder import open_model
+    from .weights.sources import open_model
 
     folder = open_model(resolve_model(args.model), **model_kwargs(args))
     check_vae_matches(folder)

@@ -49,7 +49,8 @@ from .runtime.tiled_vae import decode_tiled
 from .samplers.schedule import fix_outdated_scheduler_config
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
-from .weights.model_folder import ModelFolder, open_model, shipped_model
+from .weights.model_folder import ModelFolder, shipped_model
+from .weights.sources import open_model
 
 __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "format_parameters",
            "request_caps"]

@@ -11,8 +11,16 @@ from importlib import resources
 import pytest
 
 from sdlite.tokenizer import ClipTokenizer, max_token_id, standard_vocab, write_standard_tokenizer
-from sdlite.tokenizer.clip import BOS_TOKEN, EOS_TOKEN, TokenTruncationWarning, byte_level_alphabet
-from sdlite.tokenizer.standard import NUM_MERGES, STANDARD_VOCAB_SIZE, VOCAB_FILE, VOCAB_SHA256
+from sdlite.tokenizer.clip import TokenTruncationWarning
+from sdlite.tokenizer.standard import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    NUM_MERGES,
+    STANDARD_VOCAB_SIZE,
+    VOCAB_FILE,
+    VOCAB_SHA256,
+    byte_level_alphabet,
+)
 
 transformers = pytest.importorskip("transformers")
 

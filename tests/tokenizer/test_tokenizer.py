@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sdlite.errors import ModelFolderError
-from sdlite.tokenizer.clip import BOS_TOKEN, EOS_TOKEN, ClipTokenizer, TokenTruncationWarning, byte_level_alphabet
+from sdlite.tokenizer.clip import ClipTokenizer, TokenTruncationWarning
+from sdlite.tokenizer.standard import BOS_TOKEN, EOS_TOKEN, byte_level_alphabet
 from sdlite.tokenizer.writer import MIN_VOCAB_SIZE, write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")

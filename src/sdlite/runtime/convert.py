@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SdliteError
-from ..weights.model_folder import SD_MODEL_INDEX, WEIGHT_FILES, ModelFolder, ModelFolderWriter, open_model
+from ..weights.model_folder import SD_MODEL_INDEX, WEIGHT_FILES, ModelFolder, ModelFolderWriter
+from ..weights.sources import open_model
 from .components import _build, text_config, text_encoder_key, unet_config, vae_config
 from .lazy_weights import SCALE_SUFFIX, quantizable_weights, quantize_int8
 

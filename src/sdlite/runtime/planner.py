@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ..errors import PlanError
 from ..units import MiB, format_bytes
-from ..weights.model_folder import ModelFolder, open_model
+from ..weights.model_folder import ModelFolder
+from ..weights.sources import open_model
 
 # Calibrated with bench/calibrate_memory.py on the SD 1.5-size random model, fp32, 2 threads
 # (anonymous-memory peak above the loaded state). UNet: 399 MB at batch 2 x 64x64 latents, 363 MB at

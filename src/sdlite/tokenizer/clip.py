@@ -48,10 +48,8 @@ from tokenizers.models import BPE
 
 from ..errors import ModelFolderError
 from ..fileio import MAX_TOKENIZER_BYTES, open_regular_file, read_bytes, read_json
+from .standard import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, standard_token_files, standard_vocab
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-END_OF_WORD = "</w>"
 DEFAULT_MAX_LENGTH = 77
 # transformers writes int(1e30) as model_max_length when a tokenizer has none; treat such values as "none".
 _UNSET_MAX_LENGTH = 10**6
@@ -69,19 +67,6 @@ CLIP_SPLIT_PATTERN = (
 
 class TokenTruncationWarning(UserWarning):
     """A prompt was longer than the tokenizer's max_length and its end was dropped."""
-
-
-def byte_level_alphabet() -> list[str]:
-    """GPT-2's byte -> printable character table, in its order (printable bytes first): CLIP's first 256 ids."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
 
 
 def clip_normalizer() -> normalizers.Normalizer:
@@ -199,7 +184,6 @@ class ClipTokenizer:
         hold no tokenizer. The same ids as transformers' ``CLIPTokenizer`` reading the published tokenizer
         folders, and as `from_folder` reading one written by ``write_standard_tokenizer``. ValueError for
         another kind."""
-        from .standard import standard_token_files, standard_vocab
 
         config, special_map = standard_token_files(kind)
         vocab, merges = standard_vocab()

@@ -28,7 +28,24 @@ import gzip
 import threading
 from importlib import resources
 
-from .clip import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, byte_level_alphabet
+# CLIP's special tokens and end-of-word mark, as its vocabulary spells them
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table, in its order (printable bytes first): CLIP's first 256 ids."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 #: sha256 of the shipped file (also in data/README.md); checked by the tests, not at run time.

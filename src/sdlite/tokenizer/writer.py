@@ -26,15 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..fileio import write_json
-from .clip import (
-    BOS_TOKEN,
-    END_OF_WORD,
-    EOS_TOKEN,
-    byte_level_alphabet,
-    clip_normalizer,
-    clip_pre_tokenizer,
-)
-from .standard import standard_token_files, standard_vocab
+from .clip import clip_normalizer, clip_pre_tokenizer
+from .standard import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, byte_level_alphabet, standard_token_files, standard_vocab
 
 MIN_VOCAB_SIZE = 2 * 256 + 2  # the byte-level alphabet, with and without </w>, and the two special tokens
 

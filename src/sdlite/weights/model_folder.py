@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ModelFolderError
 from ..fileio import atomic_folder, read_json, write_json
+from .parts import FolderPart, vae_file_part
 from .safetensors_mmap import save_safetensors
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -48,35 +49,6 @@ SD_MODEL_INDEX = {
 }
 
 
-@dataclass(frozen=True)
-class FolderPart:
-    """One component of a diffusers folder: `<dir>/config.json` plus its safetensors weights."""
-
-    dir: Path
-    config_name: str = "config.json"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / self.config_name
-
-    def read_config(self) -> dict:
-        return read_json(self.config_path)
-
-    def open_weights(self):
-        """The component's tensors by module name (a `ComponentWeights`; close it, or use `with`)."""
-        from .state_dict import load_component_weights
-        return load_component_weights(self.dir)
-
-    def bytes_on_disk(self) -> int:
-        d = self.dir
-        if not d.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-
-    def describe(self) -> str:
-        return str(self.dir)
-
-
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # a tokenizer folder holds vocab.json + merges.txt (transformers' slow files) or tokenizer.json (the fast one)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
@@ -103,24 +75,6 @@ def check_vae_path(vae: str | Path) -> Path:
     if not (vae / "config.json").exists():
         raise ModelFolderError(f"{vae}: not a VAE folder (no config.json)")
     return vae
-
-
-def open_model(path: str | Path, *, vae: str | Path | None = None, config: str | Path | None = None,
-               prediction_type: str | None = None):
-    """Open what a user names as a model: a diffusers folder (`ModelFolder`) or a single-file SD 1.x / 2.x
-    checkpoint, `.safetensors` or `.ckpt` (`single_file.SingleFileModel`). `config`: a diffusers folder
-    whose configs, tokenizer and scheduler a single file uses (diffusers' `from_single_file(config=...)`).
-    An already opened model (anything with `part`) is returned as it is.
-    Raises ModelFolderError / WeightsError (one line) for what cannot be opened."""
-    if hasattr(path, "part"):
-        return path
-    p = Path(path)
-    if p.is_file():
-        from .single_file import SingleFileModel
-        return SingleFileModel.open(p, vae=vae, config=config, prediction_type=prediction_type)
-    if config is not None:
-        raise ModelFolderError(f"{p}: --config applies to single-file checkpoints; a folder has its own configs")
-    return ModelFolder.open(p, vae=vae, prediction_type=prediction_type)
 
 
 def shipped_model() -> Path | None:
@@ -184,7 +138,6 @@ class ModelFolder:
         part when --vae named a single file."""
         replaced = self.replacement(name)
         if replaced is not None and replaced.is_file():
-            from .single_file import vae_file_part
             return vae_file_part(replaced)
         return FolderPart(self.component(name))
 
