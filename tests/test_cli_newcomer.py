@@ -51,7 +51,7 @@ def test_seed_minus_one_is_random(tiny_model, tmp_path, capsys):
 
 def test_help_shows_defaults_and_the_shipped_model(capsys):
     for argv, needles in [
-        (["generate", "--help"], ["(default: 20)", "(default: 7.5)", "(default: dpm++2m)", "-1: random",
+        (["generate", "--help"], ["(default: 20;", "(default: 7.5;", "(default: dpm++2m;", "-1: random",
                                   "Clip skip", "sdlite-shapes", "64x64"]),
         (["serve", "--help"], ["(default: 150)", "(default: 300.0)", "(default: 1024)", "(default: 7860)"]),
         (["convert", "--help"], ["the folder to write", "int8"]),

@@ -272,3 +272,26 @@ def test_standard_configs_without_config_folder(std, tmp_path):
     want, _ = _image(std)
     got, _ = _image(f)
     assert np.array_equal(got, want)
+
+
+def test_recommended_settings_lcm_and_turbo(sd2, files, tmp_path, capsys):
+    """With no steps / cfg / sampler given, an LCM model runs as LCM's card says and SD-Turbo as its card
+    says; a plain model keeps the usual defaults. The CLI does the same."""
+    import shutil
+    lcm = write_random_model("tiny-lcm", tmp_path / "lcm", seed=1)
+    pipe = Pipeline.load(lcm)
+    result = pipe.generate(PROMPT, width=64, height=64, seed=1)
+    assert (result.request.steps, result.request.cfg_scale, result.request.sampler) == (4, 8.0, "lcm")
+    turbo = tmp_path / "sd_turbo.safetensors"
+    shutil.copy(files["sd2.safetensors"], turbo)
+    model = open_model(turbo, config=sd2)
+    assert model.is_turbo and model.architecture == "SD-Turbo (SD 2.1)"
+    pipe = Pipeline.load(model)
+    assert pipe.recommended == {"steps": 1, "cfg_scale": 0.0, "sampler": "euler_a"}
+    result = pipe.generate(PROMPT, width=64, height=64, seed=1)
+    assert (result.request.steps, result.request.sampler) == (1, "euler_a")
+    assert Pipeline.load(sd2).recommended == {"steps": 20, "cfg_scale": 7.5, "sampler": "dpm++2m"}
+    out = tmp_path / "lcm.png"
+    p = run_cli("generate", PROMPT, "-m", lcm, "-o", out, "-W", 64, "-H", 64, "-q")
+    assert p.returncode == 0, p.stderr
+    assert "4 steps, lcm" in p.stdout

@@ -133,17 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png",
                    help="image to write: .png, .jpg or .webp, with the generation parameters inside (PNG text "
                         "chunk, or EXIF UserComment as A1111 writes them)")
-    g.add_argument("--steps", type=positive_int, default=20, help="sampler steps")
-    g.add_argument("--cfg-scale", type=finite_float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns guidance off")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="sampler steps (default: 20; an LCM model 4, SD-Turbo 1)")
+    g.add_argument("--cfg-scale", type=finite_float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns guidance off (default: 7.5; an LCM model 8, "
+                        "SD-Turbo 0)")
     g.add_argument("--seed", type=seed_arg, default=-1, help="-1: random (the seed used is printed)")
     g.add_argument("-W", "--width", type=positive_int, default=None,
                    help="pixels, a multiple of 8 (default: the model's native size)")
     g.add_argument("-H", "--height", type=positive_int, default=None,
                    help="pixels, a multiple of 8 (default: the model's native size)")
-    g.add_argument("--sampler", type=sampler_name, default="dpm++2m", metavar="NAME",
+    g.add_argument("--sampler", type=sampler_name, default=None, metavar="NAME",
                    help="one of " + ", ".join(f"{n} ({sampler_label(n)})" for n in SAMPLERS)
-                   + "; the A1111 label works too")
+                   + "; the A1111 label works too (default: dpm++2m; an LCM model lcm, SD-Turbo euler_a)")
     g.add_argument("--negative-prompt", default="", help="what to steer away from")
     g.add_argument("--clip-skip", type=non_negative_int, default=0,
                    help="text encoder layers to skip from the end (A1111's 'Clip skip' minus 1)")
@@ -204,7 +206,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 SHIPPED_MODEL_NOTE = ("Without -m, sdlite uses the model it ships, sdlite-shapes: it draws one flat shape on a flat "
                       "background at 64x64 and knows a few dozen words (colors, shapes, positions, e.g. 'a red "
-                      "circle on a blue background'); see its README.md. Real checkpoints: -m FOLDER.")
+                      "circle on a blue background'); see its README.md. Real checkpoints: -m FILE.safetensors, "
+                      "FILE.ckpt or a diffusers FOLDER.")
 
 
 class ProgressBar:
@@ -261,7 +264,7 @@ def check_output_path(path: Path, suffix: str | None = None) -> None:
 
 def cmd_generate(args) -> int:
     from .pipeline import GenerationRequest, Pipeline, request_caps
-    from .runtime.components import check_vae_matches, native_size
+    from .runtime.components import check_vae_matches, native_size, recommended_settings
     from .runtime.prediction import settle_prediction_type
     from .runtime.profiler import Profiler
     from .weights.sources import open_model
@@ -276,6 +279,10 @@ def cmd_generate(args) -> int:
     check_vae_matches(folder)
     settle_prediction_type(folder)  # an SD 2.x file's v-or-epsilon decides its native size
     native = native_size(folder)
+    settings = recommended_settings(folder)  # what the model is meant to run with, where no flag says
+    for name in ("steps", "cfg_scale", "sampler"):
+        if getattr(args, name) is None:
+            setattr(args, name, settings[name])
     req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
                             args.width or native, args.height or native, args.sampler,
                             args.clip_skip).validate(request_caps(folder))
@@ -466,6 +473,9 @@ def add_serve_parsers(sub) -> None:
     s = sub.add_parser("serve", help="gRPC + HTTP (A1111, OpenAI images) text-to-image service",
                        formatter_class=HelpFormatter)
     add_model_arguments(s)
+    s.add_argument("--models-dir", metavar="DIR", default=None,
+                   help="the models clients may switch between (diffusers folders, SD 1.x / 2.x .safetensors "
+                        "and .ckpt files); -m picks the one loaded first (a name or path), else the first")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
@@ -549,7 +559,9 @@ def cmd_serve(args) -> int:
                         format="sdlite serve: %(levelname)s %(message)s")
     limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                     max_images=args.max_images)
-    config = ServeConfig(resolve_model(args.model), vae=Path(args.vae) if args.vae else None,
+    model = resolve_model(args.model) if args.model or not args.models_dir else None
+    config = ServeConfig(model, vae=Path(args.vae) if args.vae else None,
+                         models_dir=Path(args.models_dir) if args.models_dir else None,
                          model_config=Path(args.config) if args.config else None,
                          prediction_type=args.prediction_type,
                          host=args.host, grpc_port=args.grpc_port,

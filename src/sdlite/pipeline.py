@@ -32,6 +32,7 @@ from .runtime.components import (
     LoadedComponent,
     check_vae_matches,
     native_size,
+    recommended_settings,
     text_config,
     unet_config,
     vae_config,
@@ -75,6 +76,7 @@ class Pipeline:
         self.residency = Residency(folder, plan, dtype)
         self.plans = SizePlans(folder, plan)
         self.caps = _caps(self.text_config)
+        self.recommended = recommended_settings(folder)  # steps, cfg_scale, sampler where none are given
         self._lock = threading.Lock()
         if self.text_config.max_position_embeddings < tokenizer.max_length:
             tokenizer.max_length = self.text_config.max_position_embeddings
@@ -263,24 +265,28 @@ class Pipeline:
 
     # --- the whole job --------------------------------------------------------------------------
 
-    def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20,
-                 cfg_scale: float = 7.5, seed: int | None = None, width: int | None = None,
-                 height: int | None = None, sampler: str = "dpm++2m", clip_skip: int = 0,
+    def generate(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
+                 cfg_scale: float | None = None, seed: int | None = None, width: int | None = None,
+                 height: int | None = None, sampler: str | None = None, clip_skip: int = 0,
                  progress: ProgressFn | None = None,
                  cancel: threading.Event | CancelFn | None = None,
                  latents: torch.Tensor | None = None,
                  profiler: Profiler | None = None) -> GenerationResult:
         """Generate one image. The fields are `GenerationRequest`'s (width/height default to the model's
-        native size; `sampler` takes a name or an A1111 label). `progress(step, total)` is called after
+        native size; steps, cfg_scale and sampler to what the model is meant to run with, `recommended`:
+        20 / 7.5 / dpm++2m, LCM 4 / 8 / lcm, SD-Turbo 1 / 0 / euler_a; `sampler` takes a name or an A1111
+        label). `progress(step, total)` is called after
         each sampler step; `cancel` (an Event or a callable) is checked between steps. `latents`
         (1, C, height/8, width/8) replaces the seeded initial noise.
 
         Raises InvalidRequest (bad field, or steps the schedule cannot place), PlanError (this size does
         not fit the memory budget), GenerationError (NaN or infinite latents or pixels: no image is
         returned), Cancelled (cancel was set, or the waiting caller was interrupted)."""
-        request = GenerationRequest(prompt, negative_prompt, steps, cfg_scale, seed,
+        rec = self.recommended
+        request = GenerationRequest(prompt, negative_prompt, rec["steps"] if steps is None else steps,
+                                    rec["cfg_scale"] if cfg_scale is None else cfg_scale, seed,
                                     width or self.native_size, height or self.native_size,
-                                    sampler, clip_skip)
+                                    sampler or rec["sampler"], clip_skip)
         return self.run(request, progress=progress, cancel=cancel, latents=latents, profiler=profiler)
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None,

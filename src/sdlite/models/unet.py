@@ -121,9 +121,10 @@ class UNetConfig:
     def _validate_sizes(self) -> None:
         """Widths, counts and numbers in range; every width divisible by the norm groups."""
         ch = self.block_out_channels
-        for name in ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim",
-                     "time_cond_proj_dim"):
+        for name in ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim"):
             check_range(WHERE, name, getattr(self, name), 1, MAX_CHANNELS)
+        # LCM's guidance-scale embedding spreads its frequencies over dim/2 - 1 steps: at least 4 wide
+        check_range(WHERE, "time_cond_proj_dim", self.time_cond_proj_dim, 4, MAX_CHANNELS)
         check_range(WHERE, "sample_size", self.sample_size, 1, MAX_SAMPLE_SIZE)
         self.per_block(self.layers_per_block, "layers_per_block")
         check_range(WHERE, "layers_per_block", self.layers_per_block, 1, MAX_LAYERS_PER_BLOCK)

@@ -229,3 +229,24 @@ def load_text_encoder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
 
 
 LOADERS = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
+
+
+# What diffusers' pipelines and the model cards use when the user says nothing (steps, cfg_scale, sampler).
+STANDARD_SETTINGS = {"steps": 20, "cfg_scale": 7.5, "sampler": "dpm++2m"}
+# LCM-distilled UNets (LCM-Dreamshaper's card: 4 steps, guidance 8, the LCM scheduler)
+LCM_SETTINGS = {"steps": 4, "cfg_scale": 8.0, "sampler": "lcm"}
+# SD-Turbo's card: 1 step, guidance 0 (off), Euler ancestral on trailing timesteps
+TURBO_SETTINGS = {"steps": 1, "cfg_scale": 0.0, "sampler": "euler_a"}
+
+
+def recommended_settings(folder: ModelFolder) -> dict:
+    """The generation settings this model is meant to run with, where the request gives none: LCM's for an
+    LCM-distilled UNet (or an LCMScheduler config), SD-Turbo's for a Turbo file, else diffusers' defaults.
+    A dict with "steps", "cfg_scale", "sampler" (a registry name)."""
+    if unet_config(folder).time_cond_proj_dim or \
+            folder.scheduler_config().get("_class_name") == "LCMScheduler":
+        return dict(LCM_SETTINGS)
+    if getattr(folder, "is_turbo", False):
+        return dict(TURBO_SETTINGS)
+    return dict(STANDARD_SETTINGS)
+
