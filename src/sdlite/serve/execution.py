@@ -8,6 +8,8 @@
     cancel()  -> a waiting job leaves the queue at once; a running one is answered at once and stops at
                  its next step boundary (its slot stays taken until it has)
     drain()   -> refuse new work, let admitted work finish within the grace period, cancel the rest
+    swap_pipeline() -> another model: no job starts, running ones finish, the old pipeline is closed
+                 before the new one loads (`serve.models`); queued jobs then run on the new one
 
 The number of slots is decided by `plan_concurrency`, the one place where the memory planner plugs in.
 """
@@ -15,6 +17,7 @@ The number of slots is decided by `plan_concurrency`, the one place where the me
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import logging
@@ -153,6 +156,7 @@ class Executor:
         self._hurry = threading.Event()
         self._threads: list[threading.Thread] = []
         self._trim = malloc_trim
+        self._holds = 0  # paused(): while > 0 no waiting job starts (a model switch)
         metrics.slots.set(slots)
         metrics.queue_capacity.set(queue_size)
         metrics.circuit.set_function(lambda: STATE_VALUES[self.breaker.state])
@@ -218,6 +222,46 @@ class Executor:
     def hurry(self) -> None:
         """A second signal: skip the rest of the grace period."""
         self._hurry.set()
+
+    # --- switching the model -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold the slots for the block: new jobs are still admitted and queue, but none starts; entering
+        waits until every running job has finished (or the executor stops). Holds may overlap."""
+        with self._cond:
+            self._holds += 1
+            try:
+                while self._running and not self._stopping:
+                    self._cond.wait()
+            except BaseException:
+                self._release_hold()
+                raise
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._release_hold()
+
+    def _release_hold(self) -> None:
+        self._holds -= 1
+        self._cond.notify_all()
+
+    def swap_pipeline(self, load: Callable[[], object], restore: Callable[[], object] | None = None):
+        """Replace the model: hold new jobs back, wait for the running ones, close the old pipeline (its
+        networks dropped, its files unmapped: one model in memory at a time), set `self.pipe = load()`,
+        resume; queued jobs then run on the new pipeline, which is returned. When `load` raises,
+        `restore()` (e.g. the old model loaded again) becomes the pipeline, if given, and the error
+        propagates; without `restore` the closed old pipeline stays (it reloads its networks when used)."""
+        with self.paused():
+            self.pipe.close()
+            try:
+                self.pipe = load()
+            except BaseException:
+                if restore is not None:
+                    self.pipe = restore()
+                raise
+            return self.pipe
 
     # --- admission -----------------------------------------------------------------------------
 
@@ -297,7 +341,7 @@ class Executor:
 
     def _take(self) -> Job | None:
         with self._cond:
-            while not self._waiting and not self._stopping:
+            while (not self._waiting or self._holds) and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None

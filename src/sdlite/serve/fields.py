@@ -38,6 +38,12 @@ class Defaults:
         text = getattr(pipe, "text_config", None) or pipe.text_encoder.module.config
         return cls(width=native, height=native, text_layers=text.num_hidden_layers)
 
+    def follow(self, pipe) -> None:
+        """After a model switch: take the new model's native size and text depth, in place (the front
+        ends share this object); the operator's steps, cfg_scale and sampler stay."""
+        new = Defaults.for_pipeline(pipe)
+        self.width, self.height, self.text_layers = new.width, new.height, new.text_layers
+
 
 def _whole(value):
     """A JSON number that is a whole float (20.0) becomes an int; anything else is left to the contract."""

@@ -10,6 +10,7 @@ the same object. Routes:
     GET  /sdapi/v1/samplers       A1111 sampler list
     GET  /healthz                 200 SERVING / 503 NOT_SERVING (draining or circuit open)
     GET  /metrics                 Prometheus text format
+    GET  /                        the web page; its job API with server-sent events under /v1/jobs (`jobs`)
 
 Answers: bad field 422 (A1111, FastAPI-style `detail`) or 400 (OpenAI, `error.param`), both naming the
 field (`body` for a body that is missing, too large, chunked, late, not JSON, nested deeper than
@@ -53,6 +54,7 @@ from .execution import (
     ServeError,
 )
 from .fields import build_request
+from .model_routes import model_routes
 
 HTTP_STATUS = {RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504, CANCELLED: 499,
                INTERNAL: 500}
@@ -430,15 +432,20 @@ async def not_allowed(request: Request, exc) -> Response:
 
 
 def create_app(executor: Executor, limits, defaults, metrics, model_name: str,
-               body_timeout: float = BODY_TIMEOUT) -> Starlette:
-    """The HTTP API over `executor`, as an ASGI app to run on uvicorn or mount in another app."""
+               body_timeout: float = BODY_TIMEOUT, list_models=None, switch_model=None) -> Starlette:
+    """The HTTP API over `executor`, as an ASGI app to run on uvicorn or mount in another app.
+    `list_models()` / `switch_model(name)`: the service's models (`serve.models`), for /v1/models."""
+    from .jobs import page_routes  # (jobs imports this module)
     api = HttpApi(executor, limits, defaults, metrics, model_name, body_timeout)
+    api.list_models, api.switch_model = list_models, switch_model
     routes = [
         Route("/sdapi/v1/txt2img", api.txt2img, methods=["POST"]),
         Route("/v1/images/generations", api.openai, methods=["POST"]),
         Route("/sdapi/v1/samplers", api.samplers, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
+        *model_routes(api),
+        *page_routes(api),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     app.router.redirect_slashes = False  # /healthz/ is not a route (404), as before

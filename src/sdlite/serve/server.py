@@ -3,7 +3,8 @@
 Lifecycle
     1. signal handlers first (a signal during the model load ends the process cleanly, exit 0)
     2. --oom-score-adj written to /proc/self/oom_score_adj
-    3. the model loaded once; a one-step warm-up generation (faults in the weights, first-call costs)
+    3. the model loaded once; a one-step warm-up generation (faults in the weights, first-call costs).
+       With --models-dir, -m (or the first model listed) is loaded; clients switch (`serve.models`)
     4. front ends bound; one line per listener on stdout, then `--port-file` (JSON) written atomically
     5. first SIGTERM/SIGINT: health turns NOT_SERVING, new work gets UNAVAILABLE / 503, admitted work has
        `--grace` seconds to finish, then is cancelled at its next sampler step; a second signal skips the
@@ -78,11 +79,11 @@ def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
 
 
 def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
-    from ..pipeline import Pipeline
     from .breaker import CircuitBreaker
     from .execution import Executor, plan_concurrency
     from .fields import Defaults
     from .metrics import Metrics
+    from .models import ModelCatalog
 
     if config.oom_score_adj is not None:
         apply_oom_score_adj(config.oom_score_adj)
@@ -90,8 +91,10 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
     # loading and every generation run on sdlite's one compute thread (runtime.compute_thread): the main
     # thread and the slots only wait, so torch keeps one OpenMP team and signal handlers keep running
-    pipe = Pipeline.load(config.model, threads=config.threads, vae=config.vae, config=config.model_config,
-                         prediction_type=config.prediction_type, **budget)
+    catalog = ModelCatalog(config.models_dir, config.model,
+                           dict(threads=config.threads, vae=config.vae, config=config.model_config,
+                                prediction_type=config.prediction_type, **budget))
+    pipe = catalog.load_first()
     try:
         defaults = Defaults.for_pipeline(pipe)
         if warmup:
@@ -108,9 +111,13 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
                             max_deadline=config.max_deadline).start()
         executor_box.append(executor)
         front_ends, ports = _open_front_ends(config, executor, defaults, metrics, pipe.folder.name, slots)
+        _attach_catalog(catalog, executor, defaults, front_ends)
         for _, fe in front_ends:
             fe.start()
         _announce(out, config, pipe, load_s, slots, defaults, front_ends)
+        if config.models_dir is not None:
+            print(f"sdlite serve: {len(catalog.entries)} model(s) to switch between: "
+                  f"{', '.join(e.title for e in catalog.entries)}", file=out, flush=True)
         if config.port_file is not None:
             write_port_file(Path(config.port_file), ports)
 
@@ -121,7 +128,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         return 0
     finally:
         if not executor_box or executor_box[0].load()[0] == 0:
-            pipe.close()  # (a job that would not stop keeps the weights; the process is exiting anyway)
+            # (a job that would not stop keeps the weights; the process is exiting anyway)
+            (executor_box[0].pipe if executor_box else pipe).close()
 
 
 def _warm_up(pipe, sampler: str, stop: threading.Event) -> None:
@@ -161,6 +169,23 @@ def _open_front_ends(config: ServeConfig, executor, defaults, metrics, model_nam
         reason = getattr(exc, "strerror", None) or exc
         raise ServeSetupError(f"cannot listen on {config.host}: {reason}") from None
     return front_ends, ports
+
+
+def _attach_catalog(catalog, executor, defaults, front_ends) -> None:
+    """Model switching: the HTTP app gets the catalog's list and switch (A1111 sd-models and options,
+    /v1/models); after a switch the defaults (native size) and the model name answered follow the model."""
+    apis = [fe.app.state.api for name, fe in front_ends if name == "http"]
+
+    def follow(pipe) -> None:
+        defaults.follow(pipe)
+        for api in apis:
+            api.model_name = pipe.folder.name
+
+    catalog.on_switch.append(follow)
+    for api in apis:
+        if getattr(api, "list_models", None) is None:  # (unless the front end was built with them)
+            api.list_models = catalog.list
+            api.switch_model = lambda name: catalog.switch(executor, name)
 
 
 def _announce(out, config: ServeConfig, pipe, load_s: float, slots: int, defaults, front_ends) -> None:
