@@ -476,7 +476,14 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--models-dir", metavar="DIR", default=None,
                    help="the models clients may switch between (diffusers folders, SD 1.x / 2.x .safetensors "
                         "and .ckpt files); -m picks the one loaded first (a name or path), else the first")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1); 0.0.0.0 only "
+                                                      "with --api-auth / --api-token or behind a TLS proxy")
+    s.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", default=None,
+                   help="HTTP Basic credentials every route but /healthz and /internal/ping requires, as A1111's "
+                        "--api-auth (gRPC: `authorization` metadata); default $SDLITE_API_AUTH")
+    s.add_argument("--api-token", metavar="TOKEN", default=None,
+                   help="a token accepted as `Authorization: Bearer TOKEN` (HTTP and gRPC); default "
+                        "$SDLITE_API_TOKEN")
     s.add_argument("--grpc-port", type=port_or_off, default=50051, help="0: ephemeral; off: no gRPC")
     s.add_argument("--http-port", type=port_or_off, default=7860, help="0: ephemeral; off: no HTTP")
     s.add_argument("--port-file", help='write {"grpc": PORT, "http": PORT, "pid": PID} here when ready')
@@ -551,10 +558,15 @@ def cmd_serve(args) -> int:
     if missing:
         raise CliError(f"serve needs the serve extra, which is not installed (missing: {', '.join(missing)}): "
                        "pip install -c constraints.txt -e '.[serve]'")
-    from .serve.config import Limits, ServeConfig
+    from .serve.config import ApiAuth, Limits, ServeConfig
     from .serve.server import serve
     if args.grace < 0:
         raise CliError(f"--grace must be >= 0, got {args.grace}")
+    try:  # (the environment keeps secrets out of the process list)
+        auth = ApiAuth.parse(os.environ.get("SDLITE_API_AUTH") or None if args.api_auth is None else args.api_auth,
+                             os.environ.get("SDLITE_API_TOKEN") or None if args.api_token is None else args.api_token)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sdlite serve: %(levelname)s %(message)s")
     limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
@@ -572,7 +584,7 @@ def cmd_serve(args) -> int:
                          queue_size=args.queue_size, default_deadline=args.default_deadline,
                          max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,
                          breaker_cooldown=args.breaker_cooldown, grace=args.grace,
-                         oom_score_adj=args.oom_score_adj, limits=limits)
+                         oom_score_adj=args.oom_score_adj, limits=limits, auth=auth)
     return serve(config, warmup=not args.no_warmup)
 
 

@@ -8,6 +8,8 @@
     cancel()  -> a waiting job leaves the queue at once; a running one is answered at once and stops at
                  its next step boundary (its slot stays taken until it has)
     drain()   -> refuse new work, let admitted work finish within the grace period, cancel the rest
+    interrupt() / skip() -> A1111's: the running jobs stop at their next step boundary and finish with
+                 the images already made (interrupt), or drop the image in progress and go on (skip)
     swap_pipeline() -> another model: no job starts, running ones finish, the old pipeline is closed
                  before the new one loads (`serve.models`); queued jobs then run on the new one
 
@@ -67,6 +69,16 @@ class ServeError(Exception):
         self.code, self.message, self.field, self.retry_after = code, message, field, retry_after
 
 
+class Interrupted(ServeError):
+    """A job that `Executor.interrupt` / `skip` stopped before it finished any image (CANCELLED: it says
+    nothing about the server's health); `job` is that job, for front ends that answer such a job with an
+    empty success, as A1111 answers an interrupted request."""
+
+    def __init__(self, job: "Job", message: str):
+        super().__init__(CANCELLED, message)
+        self.job = job
+
+
 def plan_concurrency(pipe, max_concurrency: int | None) -> int:
     """How many generations may run at once: the one place where the memory plan decides concurrency.
 
@@ -115,7 +127,24 @@ class Job:
         self.total = request.steps * n
         self.image_index = 0
         self.latents = None                # (1, C, h, w) float32 copy, or None before the first step
+        self.interrupted = False           # Executor.interrupt(): stop, keep the images already made
+        self.skip_index: int | None = None  # Executor.skip(): drop image `skip_index` and go on
+        self.dropped: list[int] = []       # the images interrupt() / skip() stopped (none decoded)
         self._done = threading.Event()
+
+    def cut_short(self, index: int) -> bool:
+        """Whether image `index` is to stop early (interrupt or skip), as opposed to a cancel."""
+        return self.interrupted or self.skip_index == index
+
+    def must_stop(self, index: int) -> bool:
+        """Whether image `index` is to stop at this step boundary: cancelled, cut short, or past the
+        deadline (which then becomes the stop code)."""
+        if self.stop_code is not None or self.cut_short(index):
+            return True
+        if time.monotonic() >= self.deadline:
+            self.stop_code = DEADLINE_EXCEEDED
+            return True
+        return False
 
     @property
     def done(self) -> bool:
@@ -252,8 +281,11 @@ class Executor:
         networks dropped, its files unmapped: one model in memory at a time), set `self.pipe = load()`,
         resume; queued jobs then run on the new pipeline, which is returned. When `load` raises,
         `restore()` (e.g. the old model loaded again) becomes the pipeline, if given, and the error
-        propagates; without `restore` the closed old pipeline stays (it reloads its networks when used)."""
+        propagates; without `restore` the closed old pipeline stays (it reloads its networks when used).
+        ServeError UNAVAILABLE, with nothing changed, when the executor drains meanwhile."""
         with self.paused():
+            if self._draining or self._stopping:
+                raise ServeError(UNAVAILABLE, "server is shutting down")
             self.pipe.close()
             try:
                 self.pipe = load()
@@ -316,6 +348,27 @@ class Executor:
         with self._cond:
             self._cancel_locked(job, code, message)
 
+    def interrupt(self) -> int:
+        """A1111's interrupt: every running job stops at its next sampler step and finishes with the
+        images it has made; the one in progress is dropped (a partial latent is noise, never decoded). A
+        job with no image made ends with `Interrupted`. Waiting jobs are not touched. Returns how many jobs
+        were told (0 when idle: a no-op)."""
+        with self._cond:
+            jobs = [job for job in self._running if not job.done]
+            for job in jobs:
+                job.interrupted = True
+        return len(jobs)
+
+    def skip(self) -> int:
+        """A1111's skip: every running job drops the image in progress at its next sampler step and goes on
+        with its next image (after its last one it ends as `interrupt` would). Returns how many jobs were
+        told (0 when idle: a no-op)."""
+        with self._cond:
+            jobs = [job for job in self._running if not job.done]
+            for job in jobs:
+                job.skip_index = job.image_index
+        return len(jobs)
+
     def _cancel_locked(self, job: Job, code: str, message: str) -> None:
         if job.done:
             return
@@ -375,12 +428,7 @@ class Executor:
         last = [job.started_at]
 
         def should_stop() -> bool:
-            if job.stop_code is not None:
-                return True
-            if time.monotonic() >= job.deadline:
-                job.stop_code = DEADLINE_EXCEEDED
-                return True
-            return False
+            return job.must_stop(i_box[0])
 
         def on_latents(step: int, steps: int, x) -> None:
             job.latents = x.detach().clone()  # a copy: a front end may read it while the sampler goes on
@@ -397,16 +445,20 @@ class Executor:
         i_box = [0]
         try:
             for i in range(job.n):
-                i_box[0] = i
+                if job.interrupted:
+                    break
+                i_box[0] = job.image_index = i
                 request = dataclasses.replace(job.request, seed=(job.request.seed + i) % 2**64)
-                result = self.pipe.run(request, progress=progress, cancel=should_stop, on_latents=on_latents)
-                result.timings = summarize_timings(result.timings)
-                t0 = time.perf_counter()
-                png = encode_png(result)
-                result.timings.append(StageTiming("png", time.perf_counter() - t0))
-                result.latents = result.profile = None
-                images.append(Image(png, result))
+                image = self._image(job, i, request, progress=progress, cancel=should_stop,
+                                    on_latents=on_latents)
                 done_steps += request.steps
+                if image is None:  # dropped: its steps count as done
+                    job.step = done_steps
+                else:
+                    images.append(image)
+            if not images:  # (n >= 1: only interrupt() / skip() leave none)
+                raise Interrupted(job, "interrupted before any image was finished" if job.interrupted
+                                  else "every image was skipped")
             queue_s = job.started_at - job.admitted_at
             for image in images:
                 image.result.timings.insert(0, StageTiming("queue", queue_s))
@@ -416,10 +468,29 @@ class Executor:
         finally:
             images = []  # noqa: F841  (drop references before trimming the heap)
 
+    def _image(self, job: Job, index: int, request: GenerationRequest, **callbacks) -> Image | None:
+        """Image `index` of `job` made and encoded, or None when interrupt() / skip() stopped it (it is
+        dropped, never decoded); a cancel or a deadline raises Cancelled."""
+        try:
+            result = self.pipe.run(request, **callbacks)
+        except Cancelled:
+            if job.stop_code is not None or not job.cut_short(index):
+                raise
+            job.dropped.append(index)
+            return None
+        result.timings = summarize_timings(result.timings)
+        t0 = time.perf_counter()
+        png = encode_png(result)
+        result.timings.append(StageTiming("png", time.perf_counter() - t0))
+        result.latents = result.profile = None
+        return Image(png, result)
+
 
 def _serve_error(job: Job, exc: Exception) -> ServeError:
     """What a failed generation answers: cancelled / deadline / draining, a bad field (INVALID_ARGUMENT:
     a request the model's schedule or the memory plan cannot take), or INTERNAL."""
+    if isinstance(exc, ServeError):  # (Interrupted)
+        return exc
     if isinstance(exc, Cancelled):
         code = job.stop_code or CANCELLED
         message = {DEADLINE_EXCEEDED: "deadline exceeded", UNAVAILABLE: "server is shutting down"}

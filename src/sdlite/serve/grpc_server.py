@@ -9,6 +9,8 @@ Status codes, as gRPC means them:
     CANCELLED            the client cancelled; work stops at the next sampler step
     UNAVAILABLE          draining after SIGTERM/SIGINT, or the circuit breaker is open
     INTERNAL             the generation failed (counts towards opening the circuit)
+    UNAUTHENTICATED      the server has --api-auth / --api-token and the call's `authorization` metadata
+                         holds no valid credentials (health checks need none)
 """
 
 from __future__ import annotations
@@ -178,15 +180,50 @@ class TextToImage(pb_grpc.TextToImageServicer):
         yield pb.GenerateEvent(result=response_message(image))
 
 
-class GrpcFrontEnd:
-    """The grpc.Server with its three services; `health` follows the executor's state."""
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
 
-    def __init__(self, executor: Executor, limits, defaults, metrics, host: str, port: int):
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """With credentials (`config.ApiAuth`, from --api-auth / --api-token), every RPC but the health
+    service's needs `authorization` metadata, "Bearer TOKEN" or "Basic base64(user:pass)" as over HTTP;
+    any other call ends UNAUTHENTICATED before its request is read."""
+
+    OPEN = "/grpc.health.v1.Health/"
+
+    def __init__(self, auth):
+        self.auth = auth
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(self.OPEN):
+            return handler
+        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        if self.auth.allows(value if isinstance(value, str) else None):
+            return handler
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "valid credentials are required: authorization metadata 'Bearer TOKEN' or 'Basic ...'")
+
+        make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+class GrpcFrontEnd:
+    """The grpc.Server with its three services; `health` follows the executor's state. `auth`: the
+    credentials every RPC but health checks needs (`AuthInterceptor`; None or empty: none)."""
+
+    def __init__(self, executor: Executor, limits, defaults, metrics, host: str, port: int, auth=None):
         self.executor = executor
         capacity = executor.slots + executor.queue_size
         workers = 2 * capacity + 16  # waiting handlers + refusals + health/reflection
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            interceptors=[AuthInterceptor(auth)] if auth else None,
             maximum_concurrent_rpcs=workers,
             options=[("grpc.so_reuseport", 0),
                      ("grpc.max_receive_message_length", limits.max_body_bytes),

@@ -11,6 +11,17 @@ the same object. Routes:
     GET  /healthz                 200 SERVING / 503 NOT_SERVING (draining or circuit open)
     GET  /metrics                 Prometheus text format
     GET  /                        the web page; its job API with server-sent events under /v1/jobs (`jobs`)
+    ...  /sdapi/v1/options, sd-models, progress, interrupt, skip, png-info, ...: the rest of A1111's API
+                                  that clients use (`a1111`)
+
+With credentials (`create_app(auth=...)`, `sdlite serve --api-auth / --api-token`), every route but
+/healthz and /internal/ping answers 401 with `WWW-Authenticate` unless the request carries valid HTTP Basic
+credentials or a Bearer token (`AuthGate`).
+
+A txt2img request whose job is interrupted (POST /sdapi/v1/interrupt, or /skip on its last image) answers
+200 as A1111 does, with the images finished before the interrupt (`info` says `"interrupted": true`); the
+image in progress is dropped, never decoded from a partial latent, so an interrupt before the first image
+is finished answers 200 with `"images": []`.
 
 Answers: bad field 422 (A1111, FastAPI-style `detail`) or 400 (OpenAI, `error.param`), both naming the
 field (`body` for a body that is missing, too large, chunked, late, not JSON, nested deeper than
@@ -42,6 +53,7 @@ from starlette.routing import Route
 from ..errors import InvalidRequest
 from ..fileio import parse_json_text
 from ..samplers import SAMPLER_SPECS, resolve_sampler, sampler_label
+from .config import ApiAuth
 from .execution import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -51,6 +63,7 @@ from .execution import (
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     Executor,
+    Interrupted,
     ServeError,
 )
 from .fields import build_request
@@ -236,6 +249,33 @@ async def _until_disconnect(receive) -> None:
         pass
 
 
+OPEN_PATHS = ("/healthz", "/internal/ping")  # answered without credentials: they only say the server is up
+
+
+class AuthGate:
+    """ASGI middleware: when the app has credentials (`HttpApi.auth`, a `config.ApiAuth`), every HTTP
+    request but OPEN_PATHS needs a valid `Authorization` header (Basic or Bearer), else 401 with one
+    `WWW-Authenticate` challenge per configured scheme. Read at each request, so a server may set the
+    credentials after building the app, before it serves."""
+
+    def __init__(self, app, api):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send) -> None:
+        auth = getattr(self.api, "auth", None)
+        if scope["type"] != "http" or not auth or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"authorization"),
+                      None)
+        if auth.allows(header):
+            return await self.app(scope, receive, send)
+        response = json_response(401, {"error": "unauthenticated",
+                                       "detail": "valid credentials are required (HTTP Basic or a Bearer token)"},
+                                 close=scope.get("method") not in ("GET", "HEAD"))  # a body is not read
+        response.raw_headers += [(b"WWW-Authenticate", challenge.encode()) for challenge in auth.schemes()]
+        await response(scope, receive, send)
+
+
 # --- the application -------------------------------------------------------------------------------
 
 class HttpApi:
@@ -343,7 +383,12 @@ class HttpApi:
         api = "a1111"
         try:
             body = await self.read_body(request)
-            job, images = await self.generate(request, a1111_fields(body))
+            fields = a1111_fields(body)
+            self.a1111.check_txt2img(body, fields)
+            job, images = await self.generate(request, fields)
+        except Interrupted as exc:  # A1111 answers an interrupted request 200: here with no image, none made
+            self.count(api, CANCELLED)
+            return json_response(200, self.a1111_result(body, [], exc.job))
         except InvalidRequest as exc:
             self.count(api, INVALID_ARGUMENT)
             name = A1111_FIELD_NAMES.get(exc.field, exc.field)
@@ -356,7 +401,12 @@ class HttpApi:
             return json_response(HTTP_STATUS.get(exc.code, 500), {"error": exc.code, "detail": exc.message},
                                  error_headers(exc))
         self.count(api, OK, job)
-        return json_response(200, a1111_answer(body, images, self.model_name))
+        return json_response(200, self.a1111_result(body, images, job))
+
+    def a1111_result(self, body: dict, images, job) -> dict:
+        model = self.a1111.current_model()
+        return a1111_answer(body, images, self.model_name, job=job, model_hash=model.get("hash"),
+                            vae_name=self.a1111.vae_name())
 
     async def openai(self, request: Request) -> Response:
         api = "openai"
@@ -385,22 +435,35 @@ class HttpApi:
                                              "revised_prompt": None} for im in images]})
 
 
-def a1111_answer(body: dict, images, model_name: str) -> dict:
-    """The A1111 txt2img response: images, the parameters sent (with the values used) and `info`."""
-    req = images[0].result.request
+def a1111_answer(body: dict, images, model_name: str, *, job=None, model_hash: str | None = None,
+                 vae_name: str | None = None) -> dict:
+    """The A1111 txt2img response: images, the parameters sent (with the values used) and `info`, the JSON
+    text of A1111's `Processed.js()` with the same keys, plus sdlite's `timings` and `interrupted` (fewer
+    images than asked: interrupt / skip). `images` may be empty only for an interrupted `job`."""
+    req = images[0].result.request if images else job.request
     seeds = [im.result.request.seed for im in images]
     n = len(images)
+    subseed = body.get("subseed")
+    subseed = subseed if isinstance(subseed, int) and not isinstance(subseed, bool) and subseed >= 0 else -1
+    batch = body.get("batch_size")
+    started = time.time() if job is None or job.started_at is None else \
+        time.time() - (time.monotonic() - job.started_at)
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
-        "subseed_strength": 0, "width": req.width, "height": req.height,
-        "sampler_name": sampler_label(req.sampler), "cfg_scale": req.cfg_scale,
-        "steps": req.steps, "batch_size": n, "restore_faces": False,
-        "sd_model_name": model_name, "clip_skip": req.clip_skip + 1,
-        "infotexts": [im.result.parameters for im in images], "styles": [], "index_of_first_image": 0,
-        "is_using_inpainting_conditioning": False, "version": "sdlite",
+        "seed": seeds[0] if seeds else req.seed, "all_seeds": seeds, "subseed": subseed,
+        "all_subseeds": [subseed] * n, "subseed_strength": 0, "width": req.width, "height": req.height,
+        "sampler_name": sampler_label(req.sampler), "cfg_scale": req.cfg_scale, "steps": req.steps,
+        "batch_size": batch if isinstance(batch, int) and not isinstance(batch, bool) else 1,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_name,
+        "sd_model_hash": model_hash, "sd_vae_name": vae_name, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "extra_generation_params": {"Schedule type": "Karras"} if req.sampler.endswith("_karras") else {},
+        "index_of_first_image": 0, "infotexts": [im.result.parameters for im in images], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
+        "clip_skip": req.clip_skip + 1, "is_using_inpainting_conditioning": False, "version": "sdlite",
         "timings": [{t.name: round(t.seconds, 4) for t in im.result.timings} for im in images],
+        "interrupted": job is not None and n < job.n,
     }
     parameters = dict(body)
     parameters.update({"prompt": req.prompt, "negative_prompt": req.negative_prompt,
@@ -432,12 +495,17 @@ async def not_allowed(request: Request, exc) -> Response:
 
 
 def create_app(executor: Executor, limits, defaults, metrics, model_name: str,
-               body_timeout: float = BODY_TIMEOUT, list_models=None, switch_model=None) -> Starlette:
+               body_timeout: float = BODY_TIMEOUT, list_models=None, switch_model=None,
+               auth: ApiAuth | None = None) -> Starlette:
     """The HTTP API over `executor`, as an ASGI app to run on uvicorn or mount in another app.
-    `list_models()` / `switch_model(name)`: the service's models (`serve.models`), for /v1/models."""
-    from .jobs import page_routes  # (jobs imports this module)
+    `list_models()` / `switch_model(name)`: the service's models (`serve.models`), for /v1/models and
+    A1111's sd-models / options (None: the one model loaded). `auth`: the credentials every route but
+    OPEN_PATHS requires (None or empty: none); kept as `app.state.api.auth`, which a server may set later."""
+    from .a1111 import A1111Api  # (a1111 and jobs import this module)
+    from .jobs import page_routes
     api = HttpApi(executor, limits, defaults, metrics, model_name, body_timeout)
     api.list_models, api.switch_model = list_models, switch_model
+    api.auth, api.a1111 = auth, A1111Api(api)
     routes = [
         Route("/sdapi/v1/txt2img", api.txt2img, methods=["POST"]),
         Route("/v1/images/generations", api.openai, methods=["POST"]),
@@ -446,8 +514,10 @@ def create_app(executor: Executor, limits, defaults, metrics, model_name: str,
         Route("/metrics", api.metrics_text, methods=["GET"]),
         *model_routes(api),
         *page_routes(api),
+        *api.a1111.routes(),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     app.router.redirect_slashes = False  # /healthz/ is not a route (404), as before
+    app.add_middleware(AuthGate, api=api)
     app.state.api = api
     return app

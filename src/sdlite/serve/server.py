@@ -154,13 +154,15 @@ def _open_front_ends(config: ServeConfig, executor, defaults, metrics, model_nam
     ports = {"pid": os.getpid()}
     try:
         if config.grpc_port is not None:
-            g = GrpcFrontEnd(executor, config.limits, defaults, metrics, config.host, config.grpc_port)
+            g = GrpcFrontEnd(executor, config.limits, defaults, metrics, config.host, config.grpc_port,
+                             auth=config.auth)
             front_ends.append(("grpc", g))
             ports["grpc"] = g.port
         if config.http_port is not None:
             h = HttpFrontEnd(executor, config.limits, defaults, metrics, model_name,
                              config.host, config.http_port,
                              max_connections=2 * (slots + config.queue_size) + 64)
+            h.app.state.api.auth = config.auth  # (checked by http_app.AuthGate at each request)
             front_ends.append(("http", h))
             ports["http"] = h.port
     except (OSError, RuntimeError) as exc:
@@ -196,6 +198,10 @@ def _announce(out, config: ServeConfig, pipe, load_s: float, slots: int, default
         print(f"sdlite serve: memory plan for {format_bytes(plan.budget)}: {plan.describe()}", file=out)
     for name, fe in front_ends:
         print(f"sdlite serve: {name} listening on {config.host}:{fe.port}", file=out)
+    if not config.auth and config.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"sdlite serve: WARNING: {config.host} is reachable from other machines and there is no "
+              "--api-auth / --api-token: anyone who reaches the port can use (and interrupt) the service",
+              file=out)
     out.flush()
 
 
