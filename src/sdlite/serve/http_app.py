@@ -73,8 +73,6 @@ HTTP_STATUS = {RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504
                INTERNAL: 500}
 BODY_TIMEOUT = 30.0   # seconds for a request body to arrive once its head has
 MAX_JSON_DEPTH = 64   # nesting of arrays/objects in a body (the APIs need 3)
-GET_ROUTES = ("/healthz", "/metrics", "/sdapi/v1/samplers")
-POST_ROUTES = ("/sdapi/v1/txt2img", "/v1/images/generations")
 
 
 # --- wire formats -> sdlite fields -------------------------------------------------------------------
@@ -485,13 +483,15 @@ async def not_found(request: Request, exc) -> Response:
 
 
 async def not_allowed(request: Request, exc) -> Response:
+    """A route that exists, asked with a method it does not take: 405 with the methods it takes (Starlette
+    found them: its exception's Allow header). Methods no route takes at all (PUT, PATCH...) say so."""
     method = request.method
-    if method == "POST" and request.url.path in GET_ROUTES:
-        return json_response(405, {"error": "method_not_allowed", "detail": "use GET"}, {"Allow": "GET"},
-                             close=True)
-    if method in ("GET", "HEAD") and request.url.path in POST_ROUTES:
-        return json_response(405, {"error": "method_not_allowed", "detail": "use POST"}, {"Allow": "POST"})
-    return await not_found(request, exc)
+    allow = ", ".join(m for m in ((getattr(exc, "headers", None) or {}).get("Allow", "")).split(", ")
+                      if m and m != "HEAD")
+    if method not in ("GET", "HEAD", "POST", "DELETE") or not allow:
+        return await not_found(request, exc)
+    return json_response(405, {"error": "method_not_allowed", "detail": f"use {allow}"}, {"Allow": allow},
+                         close=method == "POST")  # a POST's body is not read
 
 
 def create_app(executor: Executor, limits, defaults, metrics, model_name: str,

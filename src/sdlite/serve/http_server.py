@@ -242,8 +242,10 @@ class HttpFrontEnd:
 
     def __init__(self, executor: Executor, limits, defaults, metrics, model_name: str, host: str,
                  port: int, max_connections: int = 128, *, head_timeout: float = HEAD_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT, max_open: int | None = None):
-        self.app = create_app(executor, limits, defaults, metrics, model_name, body_timeout=body_timeout)
+                 body_timeout: float = BODY_TIMEOUT, max_open: int | None = None, **app_options):
+        """`app_options`: create_app's keyword arguments (auth, list_models, switch_model)."""
+        self.app = create_app(executor, limits, defaults, metrics, model_name, body_timeout=body_timeout,
+                              **app_options)
         protocol = type("SdliteH11Protocol", (GuardedH11Protocol,),
                         {"head_timeout": head_timeout, "max_open": max_open or open_connection_cap(),
                          "waiting": {}})

@@ -161,8 +161,7 @@ def _open_front_ends(config: ServeConfig, executor, defaults, metrics, model_nam
         if config.http_port is not None:
             h = HttpFrontEnd(executor, config.limits, defaults, metrics, model_name,
                              config.host, config.http_port,
-                             max_connections=2 * (slots + config.queue_size) + 64)
-            h.app.state.api.auth = config.auth  # (checked by http_app.AuthGate at each request)
+                             max_connections=2 * (slots + config.queue_size) + 64, auth=config.auth)
             front_ends.append(("http", h))
             ports["http"] = h.port
     except (OSError, RuntimeError) as exc:
