@@ -2,6 +2,7 @@
 folder they were made from, diffusers' from_single_file within a level, the CLI, the errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +296,93 @@ def test_recommended_settings_lcm_and_turbo(sd2, files, tmp_path, capsys):
     p = run_cli("generate", PROMPT, "-m", lcm, "-o", out, "-W", 64, "-H", 64, "-q")
     assert p.returncode == 0, p.stderr
     assert "4 steps, lcm" in p.stdout
+
+
+def test_vae_file_takes_the_models_vae_config(sd1, files):
+    """A VAE file whose shapes match the model's own VAE gets that VAE's config (here 8 norm groups, which
+    its weights cannot tell), so the same weights decode to the same image."""
+    want, _ = _image(sd1)
+    got, _ = _image(sd1, vae=files["vae.safetensors"])
+    assert np.array_equal(got, want)
+    got2, _ = _image(files["sd1.safetensors"], config=sd1, vae=files["vae.safetensors"])
+    assert np.array_equal(got2, want)
+
+
+def test_sidecar_yaml_rules(files, tmp_path):
+    import shutil
+    import warnings
+    f = tmp_path / "m.safetensors"
+    shutil.copy(files["sd2.safetensors"], f)
+    f.with_suffix(".yaml").write_text("model:\n  params: [unclosed\n")  # an LDM-looking config, no key: eps
+    assert open_model(f).prediction_type == "epsilon"
+    f.with_suffix(".yaml").write_bytes(os.urandom(2000).replace(b":", b"."))  # not a config: not used
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = open_model(f)
+    assert model.needs_prediction_check and any("not used" in str(w.message) for w in caught)
+    f.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "x0"\n')
+    with pytest.raises(ModelFolderError, match="'x0'"):
+        open_model(f)
+    sd1 = tmp_path / "one.safetensors"  # v on an SD 1.x file: v, at SD 1.x's size
+    shutil.copy(files["sd1.safetensors"], sd1)
+    sd1.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    model = open_model(sd1)
+    assert model.prediction_type == "v_prediction" and model.part("unet").read_config()["sample_size"] == 64
+
+
+def test_mismatched_config_and_broken_files_are_refused_by_info_and_convert(sd1, sd2, files, tmp_path):
+    """info and convert check every tensor against its config (no data read): a model that cannot load is
+    never reported fine or written as a folder."""
+    p = run_cli("convert", files["sd1.safetensors"], tmp_path / "x", "--config", sd2)
+    assert p.returncode == 2 and "--config must describe this file" in p.stderr and not (tmp_path / "x").exists()
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(files["sd1.safetensors"]))
+    sd.pop("model.diffusion_model.out.2.bias")
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 4, 5, 5)
+    broken = tmp_path / "broken.safetensors"
+    save_file(sd, str(broken))
+    for args in (("info", broken, "--config", sd1), ("convert", broken, tmp_path / "y", "--config", sd1)):
+        p = run_cli(*args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        assert "conv_out.bias" in lines[0] and "'model.diffusion_model.input_blocks.0.0.weight'" in lines[0]
+        assert len(lines[0]) < 1000
+    assert not (tmp_path / "y").exists()
+
+
+def test_cli_edges(sd1, files, tmp_path):
+    """A name that is not UTF-8, info -m, a FIFO, a link loop, `info | head`, the converted folder's mode,
+    a converted Turbo file staying Turbo."""
+    import shutil
+    import stat
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.safetensors"))
+    shutil.copy(files["sd1.safetensors"], odd)
+    out = tmp_path / "odd.png"
+    p = run_cli("generate", PROMPT, "-m", odd, "--config", sd1, "-W", 64, "-H", 64, "--steps", 1, "-o", out, "-q")
+    assert p.returncode == 0, p.stderr
+    from sdlite.image_io import read_parameters
+    assert "Model: bad\ufffd" in read_parameters(out)
+    assert run_cli("info", "-m", files["sd1.safetensors"], "--config", sd1).returncode == 0
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    p = run_cli("info", fifo)
+    assert p.returncode == 2 and "regular file" in p.stderr, p.stderr
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    p = run_cli("info", tmp_path / "loop.safetensors")
+    assert p.returncode == 2 and "link loop" in p.stderr
+    piped = subprocess.run(f"{sys.executable} -m sdlite info {files['sd1.safetensors']} --config {sd1} | head -1",
+                           shell=True, capture_output=True, text=True, timeout=120)
+    assert piped.stdout.startswith("model:") and piped.stderr == ""
+    p = run_cli("convert", files["sd1.safetensors"], tmp_path / "conv", "--config", sd1)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "conv").st_mode) & 0o055 == 0o055  # as mkdir makes it (umask 022)
+
+
+def test_converted_turbo_stays_turbo(sd2, files, tmp_path):
+    import shutil
+
+    from sdlite.runtime.convert import convert_model
+    turbo = tmp_path / "my_merge_turbo.safetensors"
+    shutil.copy(files["sd2.safetensors"], turbo)
+    convert_model(turbo, tmp_path / "converted", None, config=sd2)
+    assert Pipeline.load(tmp_path / "converted").recommended == {"steps": 1, "cfg_scale": 0.0, "sampler": "euler_a"}

@@ -30,6 +30,7 @@ from .errors import SdliteError
 EXIT_FAILED = 1        # the command ran, and its work failed (e.g. a load test where nothing succeeded)
 EXIT_USAGE = 2         # bad arguments, model, request or environment: one line on stderr
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports
 
 
 class CliError(Exception):
@@ -89,8 +90,9 @@ MODEL_HELP = ("a diffusers model folder, or a single-file SD 1.x / 2.x checkpoin
 
 def add_model_arguments(parser, positional: bool = False) -> None:
     """-m MODEL (or a positional MODEL), --vae, --config and --prediction-type: how every command opens a model."""
-    if positional:
+    if positional:  # `sdlite info MODEL`, and `-m MODEL` as the other commands take it
         parser.add_argument("model", nargs="?", help=MODEL_HELP)
+        parser.add_argument("-m", "--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
     else:
         parser.add_argument("-m", "--model", help=MODEL_HELP)
     parser.add_argument("--vae", metavar="DIR|FILE", default=None,
@@ -323,15 +325,25 @@ def memory_summary(prof, plan) -> str:
 
 
 def cmd_info(args) -> int:
-    from .runtime.components import check_vae_matches, is_taesd, native_size, unet_config, vae_config
+    from .runtime.components import (
+        check_vae_matches,
+        check_weights_fit,
+        is_taesd,
+        native_size,
+        unet_config,
+        vae_config,
+    )
     from .runtime.prediction import settle_prediction_type
     from .units import format_bytes
     from .weights.sources import open_model
 
-    folder = open_model(resolve_model(args.model), **model_kwargs(args))
+    if args.model and args.model_option:
+        raise CliError("give the model once: as MODEL or as -m MODEL")
+    folder = open_model(resolve_model(args.model or args.model_option), **model_kwargs(args))
     check_vae_matches(folder)
     settle_prediction_type(folder)
     print_model_parts(folder)
+    check_weights_fit(folder)  # every network's tensors against its config, names and shapes (no data read)
     ucfg, vcfg = unet_config(folder), vae_config(folder)
     native = native_size(folder)
     vae_kind = "TAESD (AutoencoderTiny)" if is_taesd(vcfg) else "AutoencoderKL"
@@ -434,15 +446,14 @@ def cmd_random_model(args) -> int:
     if suffix in (".safetensors", ".ckpt"):
         import tempfile
 
+        from .fileio import current_umask
         from .testing.single_file import write_single_file
         if args.arch in VAE_ARCHITECTURES:
             raise CliError("a single file is written for whole models only")
         with tempfile.TemporaryDirectory(dir=Path(args.output).parent, prefix=".sdlite-random-") as tmp:
             folder = write(args.arch, Path(tmp) / "model", seed=args.seed, dtype=dtype)
             done = write_single_file(folder, Path(tmp) / f"model{suffix}", fmt=suffix[1:], dtype=dtype)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(done, 0o666 & ~umask)  # as a plain file write would leave it
+            os.chmod(done, 0o666 & ~current_umask())  # as a plain file write would leave it
             os.replace(done, args.output)  # complete, or not there at all
     else:
         write(args.arch, args.output, seed=args.seed, dtype=dtype)
@@ -624,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         except (CliError, SdliteError) as exc:
             print(f"sdlite: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except BrokenPipeError:  # `sdlite info | head`: the reader left; stop quietly, as other tools do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # (so that flushing stdout at exit raises nothing)
+            return EXIT_BROKEN_PIPE
         except OSError as exc:  # a full disk, a read-only folder, a file that vanished: one line naming it
             print(f"sdlite: error: {_os_error_line(exc)}", file=sys.stderr)
             return EXIT_USAGE

@@ -177,10 +177,23 @@ def atomic_folder(folder: str | Path, *, replace: bool = False) -> Iterator[Path
             shutil.rmtree(folder)
         if os.path.lexists(folder):  # created by someone else while we wrote: never replace it silently
             raise FileExistsError(f"{folder}: was created by someone else meanwhile; nothing was written")
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp made it 0700; give it what mkdir would have
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); 0o022 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _sweep_stale(folder: Path) -> None:

@@ -192,6 +192,12 @@ class GenerationResult:
         return save_image(self.image, path, self.parameters)
 
 
+def printable_name(name: str) -> str:
+    """A file or folder name as text that can be written anywhere (PNG chunks, JSON): a name that is not
+    valid UTF-8 on disk reaches Python with lone surrogates (PEP 383); those bytes become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None) -> str:
     """The A1111-style `parameters` text that image viewers and other tools read back from a PNG:
     the prompt, "Negative prompt: ..." when there is one, then "Steps: 20, Sampler: DPM++ 2M, ..."."""
@@ -204,10 +210,10 @@ def format_parameters(request: GenerationRequest, model_name: str, vae_name: str
         ("CFG scale", f"{request.cfg_scale:g}"),
         ("Seed", request.seed),
         ("Size", f"{request.width}x{request.height}"),
-        ("Model", model_name),
+        ("Model", printable_name(model_name)),
     ]
     if vae_name:
-        items.append(("VAE", vae_name))
+        items.append(("VAE", printable_name(vae_name)))
     if request.clip_skip:
         items.append(("Clip skip", request.clip_skip + 1))
     items.append(("Version", "sdlite"))

@@ -36,6 +36,7 @@ from sdlite.weights.ldm_layout import (
     EMA,
     LAST_LAYER,
     LOSS,
+    OTHER_KEYS,
     OTHER_PARTS,
     POSITION_IDS,
     PROJECTION,
@@ -337,8 +338,7 @@ REFUSALS = [
     ("diffusers-unet", _only({"conv_in.weight": (320, 4, 3, 3),
                               "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}), "diffusers-named"),
     ("diffusers-text", _only({"text_model.embeddings.token_embedding.weight": (49408, 768)}), "diffusers-named"),
-    ("junk", _with(**{"foo.bar": (3,), "optimizer_states.0": (1,)}), "2 keys fit no rule of an SD 1.x/2.x "
-                                                                     "checkpoint"),
+    ("junk", _only({"foo.bar": (3,), "optimizer_states.0": (1,)}), "this checkpoint lacks the UNet"),
     ("junk-in-unet", _with(**{"model.diffusion_model.input_blocks.1.0.weird.weight": (3,)}),
      "'model.diffusion_model.input_blocks.1.0.weird.weight'"),
     ("junk-in-text", _with(**{"cond_stage_model.transformer.text_model.pooler.weight": (3,)}),
@@ -366,9 +366,9 @@ def test_other_kinds_of_files_are_refused_in_one_line(models, name, change, mess
 def test_the_junk_message_names_the_keys_and_the_layout(models):
     shapes = shapes_of(models["tiny"].tensors)
     with pytest.raises(UnsupportedCheckpoint) as info:
-        read_layout({**shapes, **{f"extra.{i}": (1,) for i in range(9)}})
+        read_layout({**shapes, **{f"model.diffusion_model.extra.{i}": (1,) for i in range(9)}})
     text = str(info.value)
-    assert "9 keys fit" in text and "'extra.0'" in text and "and 4 more" in text and "model.diffusion_model.*" in text
+    assert "9 keys fit" in text and "'model.diffusion_model.extra.0'" in text and "and 4 more" in text and "model.diffusion_model.*" in text
 
 
 @pytest.mark.parametrize("key, shape, message", [
@@ -441,3 +441,14 @@ def test_sd21_configs_build():
     assert std.SD_TURBO_SCHEDULER["timestep_spacing"] == "trailing"
     assert std.SD21_SCHEDULER["prediction_type"] == "v_prediction"
     assert std.SD21_BASE_SCHEDULER["prediction_type"] == "epsilon"
+
+
+def test_stray_keys_outside_the_networks_are_ignored_and_counted(models):
+    """A1111 loads with strict=False and diffusers warns: keys outside the three networks (an embedding
+    manager, a LoRA's leftover) do not block a checkpoint; they are counted. Inside a network they are
+    errors (see the refusals)."""
+    shapes = shapes_of(models["tiny"].tensors)
+    stray = {"foo.bar": (3,), "embedding_manager.embedder.x": (2,), "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": ()}
+    layout = read_layout({**shapes, **stray})
+    assert layout.ignored[OTHER_KEYS] == 3
+    assert layout.unet == read_layout(shapes).unet

@@ -23,7 +23,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..samplers.schedule import check_scheduler_config
 from ..tokenizer.clip import max_token_id
 from ..weights.model_folder import ModelFolder
-from ..weights.state_dict import ComponentWeights, load_into
+from ..weights.state_dict import ComponentWeights, check_fits, load_into
 from .lazy_weights import SCALE_SUFFIX, dequantize, prepare_stored_weight, swap_layers
 
 WEIGHT_MODES = ("lazy", "materialize")
@@ -229,6 +229,48 @@ def load_text_encoder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
 
 
 LOADERS = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
+
+
+def check_weights_fit(folder: ModelFolder, names=("text_encoder", "unet", "vae")) -> None:
+    """Every network's tensors against the network its config builds (names, shapes, float vs integer), on
+    the `meta` device with no tensor data read: WeightsError naming the file and the first mismatches.
+    What `sdlite info` and `sdlite convert` run, so that neither calls a model good that cannot load."""
+    builders = {"unet": lambda: UNet2DConditionModel(unet_config(folder)),
+                "text_encoder": lambda: CLIPTextModel(text_config(folder))}
+    for name in names:
+        part = folder.part(name)
+        with part.open_weights() as weights:
+            if name == "vae":
+                cfg = vae_config(folder)
+                network = AutoencoderTiny if is_taesd(cfg) else AutoencoderKL
+                encoder = any(k.startswith("encoder.") for k in weights.keys())  # decoder-only files exist
+                build, key_map = (lambda: network(cfg, with_encoder=encoder)), None
+            else:
+                build, key_map = builders[name], text_encoder_key if name == "text_encoder" else None
+            check_fits(_build(build), DequantizedNames(weights), source=part.describe(), key_map=key_map)
+
+
+class DequantizedNames(Mapping):
+    """A checkpoint's keys without the int8 scale tensors (`name.weight_scale`), which are no module's;
+    the tensors as stored (shapes are what is checked)."""
+
+    def __init__(self, weights):
+        self.weights = weights
+        self._keys = [k for k in weights.keys()
+                      if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in weights)]
+        self.origin = getattr(weights, "origin", None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.weights[key]
+        if not t.is_floating_point() and key + SCALE_SUFFIX in self.weights:  # int8 + scales: a float weight
+            return torch.empty(t.shape, dtype=torch.float32, device="meta")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 # What diffusers' pipelines and the model cards use when the user says nothing (steps, cfg_scale, sampler).

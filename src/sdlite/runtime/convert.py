@@ -22,7 +22,15 @@ import torch
 from ..errors import SdliteError
 from ..weights.model_folder import SD_MODEL_INDEX, WEIGHT_FILES, ModelFolder, ModelFolderWriter
 from ..weights.sources import open_model
-from .components import _build, text_config, text_encoder_key, unet_config, vae_config
+from .components import (
+    _build,
+    check_vae_matches,
+    check_weights_fit,
+    text_config,
+    text_encoder_key,
+    unet_config,
+    vae_config,
+)
 from .lazy_weights import SCALE_SUFFIX, quantizable_weights, quantize_int8
 
 FORMATS = (None, "fp32", "fp16", "int8")
@@ -92,6 +100,8 @@ def convert_model(src: str | Path, dst: str | Path, fmt: str | None, *, config: 
     if fmt not in FORMATS:
         raise SdliteError(f"--weights must be one of {', '.join(f for f in FORMATS if f)}, got {fmt!r}")
     model = open_model(src, config=config, prediction_type=prediction_type)
+    check_vae_matches(model)
+    check_weights_fit(model)  # a model that cannot load is refused here, not written as a folder
     if os.path.lexists(dst):
         raise SdliteError(f"{dst}: already exists")
     if model.source == "folder" and Path(dst).resolve().is_relative_to(model.root.resolve()):

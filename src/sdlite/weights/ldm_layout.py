@@ -55,6 +55,7 @@ LOGVAR = "logvar (training only)"
 LOSS = "VAE training loss (loss.*)"
 ATTN_MASK = "OpenCLIP's causal mask buffer"
 OTHER_PARTS = "UNet and text encoder (a --vae file gives its VAE only)"
+OTHER_KEYS = "other keys outside the three networks (LoRA leftovers, embedding managers, ...)"
 
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -236,12 +237,14 @@ _OTHER_KINDS = (
 
 
 def _refuse_other_kinds(shapes: Shapes, vae_file: bool = False) -> None:
+    has_model = any(k.startswith((UNET_PREFIX, "cond_stage_model.")) for k in shapes)
     for rule in _OTHER_KINDS:
+        if rule is _lora and (has_model or vae_file and any(k.startswith(_VAE_TOP + (VAE_PREFIX,)) for k in shapes)):
+            continue  # a checkpoint with a LoRA's leftover keys is still a checkpoint (they are ignored)
         for key in shapes:
             message = rule(key)
             if message is not None:
                 raise UnsupportedCheckpoint(message)
-    has_model = any(k.startswith((UNET_PREFIX, "cond_stage_model.")) for k in shapes)
     looks_vae = any(k.startswith(_VAE_TOP + (VAE_PREFIX,)) for k in shapes)
     if not vae_file and not has_model and looks_vae:
         raise UnsupportedCheckpoint("this is a VAE; pass it as --vae, with a model (it holds no UNet and no "
@@ -280,12 +283,8 @@ def _split(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict], Counter
             if key.startswith(prefix):
                 split[name][key[len(prefix):]] = shape
                 break
-        else:
-            reason = _ignored_reason(key)
-            if reason is None:
-                unmapped.append(key)
-            else:
-                ignored[reason] += 1
+        else:  # outside the three networks: known leftovers, or other keys A1111 and diffusers also skip
+            ignored[_ignored_reason(key) or OTHER_KEYS] += 1
     return split, ignored, unmapped
 
 

@@ -138,7 +138,8 @@ class ModelFolder:
         part when --vae named a single file."""
         replaced = self.replacement(name)
         if replaced is not None and replaced.is_file():
-            return vae_file_part(replaced)
+            own = self.root / "vae" / "config.json"
+            return vae_file_part(replaced, like=(read_json(own), own) if own.is_file() else None)
         return FolderPart(self.component(name))
 
     def scheduler_config(self) -> dict:
@@ -157,6 +158,18 @@ class ModelFolder:
         return self.root / "tokenizer"
 
     tokenizer_kind = None  # a folder brings its own tokenizer
+
+    @property
+    def is_turbo(self) -> bool:
+        """SD-Turbo is SD 2.1 in shape: its folder's name says so (stabilityai/sd-turbo), or the note
+        `sdlite convert` leaves when it converts a Turbo file."""
+        if "turbo" in self.name.lower():
+            return True
+        note = self.root / "sdlite_weights.json"
+        try:
+            return note.is_file() and "Turbo" in str(read_json(note).get("architecture", ""))
+        except ModelFolderError:
+            return False
     source = "folder"
     prediction_note = ""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import WeightsError
 from ..fileio import read_json
 from .ldm_layout import Source, apply, read_vae_layout
 from .pickle_checkpoint import open_checkpoint
@@ -79,6 +80,10 @@ class RenamedWeights(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self.mapping
+
+    def origin(self, name: str) -> str:
+        """The file's key of module tensor `name` (for messages)."""
+        return self.mapping[name].key
 
     def dtype_of(self, name: str) -> torch.dtype:
         return self.file.dtype_of(self.mapping[name].key)
@@ -163,9 +168,25 @@ def read_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
         return {k: tuple(f.shape_of(k)) for k in f.keys()}, dict(getattr(f, "metadata", None) or {})
 
 
-def vae_file_part(path: str | Path) -> FilePart:
-    """A single-file VAE (original layout, e.g. vae-ft-mse-840000-ema-pruned.safetensors) as a part."""
+# the VAE config fields its weights determine; the rest (norm groups, scaling factor) they cannot tell
+VAE_SHAPE_FIELDS = ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels")
+
+
+def vae_file_part(path: str | Path, like: tuple[dict, Path] | None = None) -> FilePart:
+    """A single-file VAE (original layout, e.g. vae-ft-mse-840000-ema-pruned.safetensors) as a part. Its
+    config is inferred from its shapes by SD's conventions, or is `like` = (config, where it came from) (the
+    model's own VAE config, or the --config folder's) when that has the same shapes: a fine-tuned VAE for a
+    model keeps that model's VAE config. WeightsError naming the file when it is not a VAE."""
     path = Path(path)
     shapes, _ = read_shapes(path)
-    mapping, config, _ignored = read_vae_layout(shapes)
+    try:
+        mapping, config, _ignored = read_vae_layout(shapes)
+    except WeightsError as exc:
+        raise type(exc)(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from None
+    if like is not None and all(_same(like[0].get(k), config.get(k)) for k in VAE_SHAPE_FIELDS):
+        return FilePart(path, "vae", mapping, copy.deepcopy(like[0]), like[1])
     return FilePart(path, "vae", mapping, config)
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b

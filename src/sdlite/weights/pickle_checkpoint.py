@@ -238,6 +238,9 @@ def _storage_span(tensors) -> tuple[int, int]:
 
 # -- opening --
 
+_warned_legacy: set[str] = set()
+
+
 def open_pickle_checkpoint(path: str | os.PathLike) -> PickleCheckpoint:
     """Read the tensors of the torch checkpoint at `path` without running code from it (see the module
     docstring). Raises `WeightsError` with one line naming the file: refused (the pickle would import
@@ -258,9 +261,11 @@ def open_pickle_checkpoint(path: str | os.PathLike) -> PickleCheckpoint:
             raise WeightsError(f"{path}: this is a safetensors file, not a torch pickle; {fix}")
         zipped = head.startswith(_ZIP_MAGIC)
         obj = _load(path, f, zipped, size)
-    if not zipped:
+    if not zipped and path not in _warned_legacy:
+        _warned_legacy.add(path)  # once per file and process: every stage that opens it reads it again
         warnings.warn(f"{path}: an old-format (non-zip) torch checkpoint cannot be memory-mapped; it is read "
-                      f"into memory (RSS grows by about its size, {size / 2**20:.0f} MiB)", stacklevel=2)
+                      f"into memory each time a network is loaded from it (RSS grows by about its size, "
+                      f"{size / 2**20:.0f} MiB); `sdlite convert` it once to a folder to avoid that", stacklevel=2)
     root, tensors, skipped = _flatten(path, obj)
     del obj  # drop callbacks, optimizer states and any tensor that is not kept
     return PickleCheckpoint(path, tensors, copied=not zipped, root=root, skipped_keys=tuple(skipped))
@@ -404,22 +409,24 @@ def _name(key: object) -> str:
 # -- dispatch --
 
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsFile | PickleCheckpoint:
-    """Open a checkpoint by its suffix (case-insensitive): ``.safetensors`` with `open_safetensors`;
-    ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` with `open_pickle_checkpoint`. Any other suffix, and a torch
-    zip pickle named ``.safetensors``, raise `WeightsError`."""
+    """Open a checkpoint by what it holds: a safetensors file with `open_safetensors`, a torch pickle (zip
+    or the old format) with `open_pickle_checkpoint`, whatever its suffix says (files renamed between the
+    two are common, and both readers are safe: neither runs code). What the content does not tell is
+    decided by the suffix (case-insensitive): ``.safetensors``; ``.ckpt``, ``.pt``, ``.pth``, ``.bin``.
+    Any other suffix raises `WeightsError` naming the ones read."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".safetensors":
-        with open_regular_file(path, error=WeightsError) as f:
-            try:
-                magic = f.read(len(_ZIP_MAGIC))
-            except OSError as e:
-                raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
-        if magic == _ZIP_MAGIC:
-            raise WeightsError(f"{path}: this is a torch pickle checkpoint (a zip archive) named .safetensors; "
-                               "it is not read under that name (rename it to .ckpt to read its tensors safely)")
-        return open_safetensors(path)
-    if suffix in PICKLE_SUFFIXES:
+    if suffix not in CHECKPOINT_SUFFIXES:
+        shown = f"suffix {suffix!r}" if suffix else "no suffix"
+        raise WeightsError(f"{path}: unknown checkpoint type ({shown}); sdlite reads {', '.join(CHECKPOINT_SUFFIXES)}")
+    with open_regular_file(path, error=WeightsError) as f:
+        try:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
+    if head.startswith(_ZIP_MAGIC):
         return open_pickle_checkpoint(path)
-    shown = f"suffix {suffix!r}" if suffix else "no suffix"
-    raise WeightsError(f"{path}: unknown checkpoint type ({shown}); sdlite reads {', '.join(CHECKPOINT_SUFFIXES)}")
+    if _looks_like_safetensors(head, size) or suffix == ".safetensors":
+        return open_safetensors(path)
+    return open_pickle_checkpoint(path)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
-from ..errors import ModelFolderError
+from ..errors import ModelFolderError, WeightsError
 from ..fileio import read_json
 from .ldm_layout import Layout, read_layout
 from .model_folder import TOKENIZER_FILES, check_prediction_type, check_vae_path
@@ -41,8 +42,10 @@ MAX_SIDECAR_BYTES = 1 << 20
 
 def read_sidecar_parameterization(path: Path) -> str | None:
     """A1111's sidecar: `<checkpoint stem>.yaml` beside the file (the original LDM inference config).
-    Returns "v_prediction" when it says `parameterization: "v"`, "epsilon" when it names another or none,
-    None when there is no sidecar. Only that one key is read (no YAML library needed)."""
+    Returns "v_prediction" for `parameterization: "v"`, "epsilon" for `"eps"` or for an LDM config that
+    names none (the LDM default), None when there is no sidecar or it is not an LDM config (then a warning
+    says it was not used). Only that one key is read (no YAML library needed). ModelFolderError for an
+    unreadable sidecar or a parameterization sdlite does not run (e.g. "x0")."""
     yaml = path.with_suffix(".yaml")
     if not yaml.is_file():
         return None
@@ -51,8 +54,17 @@ def read_sidecar_parameterization(path: Path) -> str | None:
             text = f.read(MAX_SIDECAR_BYTES).decode("utf-8", "replace")
     except OSError as exc:
         raise ModelFolderError(f"{yaml}: unreadable sidecar config ({exc.strerror or exc})") from None
-    m = re.search(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z_]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)
-    return "v_prediction" if m and m.group(1) == "v" else "epsilon"
+    m = re.search(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)
+    if m is not None:
+        value = {"v": "v_prediction", "eps": "epsilon", "epsilon": "epsilon"}.get(m.group(1))
+        if value is None:
+            raise ModelFolderError(f"{yaml}: parameterization {m.group(1)!r} is not one sdlite runs (v or eps); "
+                                   "fix the sidecar or pass --prediction-type")
+        return value
+    if re.search(r"^\s*(target|params)\s*:", text, re.MULTILINE):
+        return "epsilon"  # an LDM config that names no parameterization: the LDM default
+    warnings.warn(f"{yaml}: not an LDM config (no target:/params:/parameterization:); not used", stacklevel=2)
+    return None
 
 
 class SingleFileModel:
@@ -82,8 +94,13 @@ class SingleFileModel:
         path = Path(path)
         config_dir = None if config is None else _check_config_dir(Path(config))
         shapes, metadata = read_shapes(path)
-        layout = read_layout(shapes)
+        try:
+            layout = read_layout(shapes)
+        except WeightsError as exc:  # say which file: with --vae or --config, there are several
+            raise type(exc)(f"{path}: {exc}") from None
         model = cls(path, layout, config_dir, None if vae is None else check_vae_path(vae), metadata)
+        if config_dir is not None:
+            model._check_config_fits()
         model._settle_prediction_type(check_prediction_type(prediction_type))
         return model
 
@@ -127,9 +144,12 @@ class SingleFileModel:
         if name not in PARTS:
             raise KeyError(name)
         replaced = self.replacement(name)
-        if replaced is not None:
-            return vae_file_part(replaced) if replaced.is_file() else FolderPart(replaced)
-        return self._own_part(name)
+        if replaced is None:
+            return self._own_part(name)
+        if not replaced.is_file():
+            return FolderPart(replaced)
+        own = self._own_part("vae")
+        return vae_file_part(replaced, like=(own.config, own.config_path))
 
     @property
     def own_vae(self):
@@ -142,8 +162,9 @@ class SingleFileModel:
         given = self.config_dir / name / "config.json" if self.config_dir else None
         if given is not None and given.is_file():
             config, config_from = read_json(given), given
-        elif name == "unet" and self.prediction_type == "v_prediction" and not self.is_turbo:
-            config["sample_size"] = 96  # the SD 2.x v models are the 768-pixel ones
+        elif name == "unet" and self.prediction_type == "v_prediction" and self.family == "sd2" \
+                and not self.is_turbo:
+            config["sample_size"] = 96  # the SD 2.x v models are the 768-pixel ones (SD 1.x v finetunes: 512)
         return FilePart(self.path, name, mapping, config, config_from)
 
     @property
@@ -186,8 +207,32 @@ class SingleFileModel:
 
     @property
     def ignored(self) -> dict[str, int]:
-        """What the file holds that no network uses, by reason (EMA copies, schedule buffers, ...)."""
-        return dict(self.layout.ignored)
+        """What the file holds that no network uses, by reason (EMA copies, schedule buffers, a pickle's
+        non-tensor entries, ...)."""
+        out = dict(self.layout.ignored)
+        skipped = int(self.metadata.get("skipped", 0) or 0) if str(self.metadata.get("skipped", "0")).isdigit() else 0
+        if skipped:
+            out["non-tensor entries of the pickle (global_step, callbacks, optimizer states, ...)"] = skipped
+        return out
+
+    def _check_config_fits(self) -> None:
+        """A --config folder whose networks have other shapes than the file's (an SD 2.x folder for an SD 1.x
+        file, another model's configs) would fail at load with a list of mismatched tensors; say it plainly."""
+        checks = (("unet", ("cross_attention_dim", "block_out_channels", "in_channels", "use_linear_projection")),
+                  ("text_encoder", ("hidden_size", "num_hidden_layers", "hidden_act")),
+                  ("vae", ("block_out_channels", "latent_channels")))
+        for name, fields in checks:
+            given = self.config_dir / name / "config.json"
+            if not given.is_file():
+                continue
+            theirs, ours = read_json(given), getattr(self.layout, f"{name}_config")
+            for key in fields:
+                a, b = theirs.get(key), ours.get(key)
+                if key in ours and key in theirs and (list(a) if isinstance(a, (list, tuple)) else a) != \
+                        (list(b) if isinstance(b, (list, tuple)) else b):
+                    raise ModelFolderError(
+                        f"{given}: {key} is {a!r}, but {self.path.name} ({FAMILY_NAMES[self.family]}) has "
+                        f"{b!r}: --config must describe this file's networks")
 
     # --- the prediction type -------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import ModelFolderError
@@ -21,7 +22,9 @@ def open_model(path: str | Path, *, vae: str | Path | None = None, config: str |
     if hasattr(path, "part"):
         return path
     p = Path(path)
-    if p.is_file():
+    if os.path.lexists(p) and not p.exists():
+        raise ModelFolderError(f"{p}: a dangling symbolic link or a link loop")
+    if p.exists() and not p.is_dir():  # a file, or a FIFO / device the file readers refuse by name
         return SingleFileModel.open(p, vae=vae, config=config, prediction_type=prediction_type)
     if config is not None:
         raise ModelFolderError(f"{p}: --config applies to single-file checkpoints; a folder has its own configs")

@@ -17,7 +17,7 @@ from sdlite.errors import ModelFolderError, WeightsError
 from sdlite.fileio import read_json
 from sdlite.weights.safetensors_mmap import SafetensorsFile, open_safetensors
 
-__all__ = ["ComponentWeights", "LoadReport", "load_component_weights", "load_into", "format_names"]
+__all__ = ["ComponentWeights", "LoadReport", "check_fits", "load_component_weights", "load_into", "format_names"]
 
 WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -108,6 +108,23 @@ def load_into(
       Everything is checked before anything is assigned.
     """
     report = LoadReport(source=source)
+    plan, slots = _check(module, tensors, source, strict, key_map, report)
+    for names, t in plan:
+        _assign(names, t, slots, dtype, report)
+    return report
+
+
+def check_fits(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str,
+               key_map: Callable[[str], str | None] | None = None) -> None:
+    """What `load_into(..., strict=True)` checks (names, shapes, float vs integer), with nothing assigned and
+    no tensor data read: WeightsError when the checkpoint does not fit `module` (e.g. built on `meta`)."""
+    _check(module, tensors, source, True, key_map, LoadReport(source=source))
+
+
+MAX_PROBLEMS = 3  # a message lists this many mismatches, then how many more
+
+
+def _check(module, tensors, source, strict, key_map, report):
     slots, non_persistent = _module_slots(module)
     by_name = _map_keys(tensors, key_map, source, report)
     unexpected = []
@@ -115,6 +132,8 @@ def load_into(
         if name not in slots:
             (report.ignored if name in non_persistent else unexpected).append(name)
     plan, missing, problems = _match(tensors, by_name, slots)
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"and {len(problems) - MAX_PROBLEMS} more mismatches"]
     if strict:
         if missing:
             problems.insert(0, f"missing keys ({len(missing)}): {format_names(missing)}")
@@ -131,9 +150,7 @@ def load_into(
         raise WeightsError(
             f"{source}: checkpoint does not fit {type(module).__name__}: " + "; ".join(problems) + hint
         )
-    for names, t in plan:
-        _assign(names, t, slots, dtype, report)
-    return report
+    return plan, slots
 
 
 def _map_keys(tensors: Mapping[str, torch.Tensor], key_map: Callable[[str], str | None] | None, source: str,
@@ -170,7 +187,7 @@ def _match(tensors: Mapping[str, torch.Tensor], by_name: dict[str, str], slots: 
             continue
         t = tensors[by_name[provided[0]]]
         want = slots[names[0]].current
-        label = provided[0] if by_name[provided[0]] == provided[0] else f"{provided[0]} (from {by_name[provided[0]]!r})"
+        label = _label(tensors, provided[0], by_name[provided[0]])
         if tuple(t.shape) != tuple(want.shape):
             problems.append(
                 f"shape mismatch for {label!r}: checkpoint {list(t.shape)}, model {list(want.shape)}"
@@ -180,6 +197,13 @@ def _match(tensors: Mapping[str, torch.Tensor], by_name: dict[str, str], slots: 
         else:
             plan.append((names, t))
     return plan, missing, problems
+
+
+def _label(tensors, name: str, key: str) -> str:
+    """A module name for a message, with the file's own key when it differs (a renamed single file's)."""
+    origin = getattr(tensors, "origin", None)
+    key = origin(key) if callable(origin) else key
+    return name if key == name else f"{name} (file key {key!r})"
 
 
 def _assign(names: list[str], t: torch.Tensor, slots: dict[str, _Slot], dtype: torch.dtype | None,
