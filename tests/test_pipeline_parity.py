@@ -1,5 +1,8 @@
 """The whole pipeline against diffusers' StableDiffusionPipeline on the same random-weight folder."""
 
+import importlib
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -9,22 +12,48 @@ from sdlite.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
 
-# the reference: which diffusers scheduler each sampler must match (independent of the registry's own)
+# the reference: which diffusers scheduler each sampler must match, and the from_config keywords that make it so
+# (independent of the registry's own)
+_KARRAS = {"use_karras_sigmas": True}
+_EXP = {"use_exponential_sigmas": True}
+_SIMPLE = {"timestep_spacing": "trailing", "use_karras_sigmas": False, "use_exponential_sigmas": False}
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+_TYPES = {"": {}, "_karras": _KARRAS, "_exponential": _EXP, "_simple": _SIMPLE}
 SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-    "dpm++2m_karras": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "lcm": "LCMScheduler",
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler", _KARRAS),
+    "dpm++2m_exponential": ("DPMSolverMultistepScheduler", _EXP),
+    "dpm++2m_simple": ("DPMSolverMultistepScheduler", _SIMPLE),
+    **{f"dpm++2m_sde{k}": ("DPMSolverMultistepScheduler", {**_SDE, **v}) for k, v in _TYPES.items()},
+    **{f"dpm2{k}": ("KDPM2DiscreteScheduler", v) for k, v in _TYPES.items()},
+    **{f"dpm2_a{k}": ("KDPM2AncestralDiscreteScheduler", v) for k, v in _TYPES.items()},
+    **{f"euler{k}": ("EulerDiscreteScheduler", v) for k, v in _TYPES.items()},
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_a_simple": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    **{f"heun{k}": ("HeunDiscreteScheduler", v) for k, v in _TYPES.items()},
+    "lcm": ("LCMScheduler", {}),
+    **{f"lms{k}": ("LMSDiscreteScheduler", v) for k, v in _TYPES.items()},
 }
+
+
+def _quad(f, a, b, epsrel=None):
+    """scipy.integrate.quad for LMS's cubic integrands: 8-point Gauss-Legendre is exact."""
+    x, w = np.polynomial.legendre.leggauss(8)
+    return float(sum(wi * float(f((a + b) / 2 + (b - a) / 2 * xi)) for xi, wi in zip(x, w)) * (b - a) / 2), 0.0
 
 
 def reference(folder, sampler):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
                                                              requires_safety_checker=False)
-    cls = getattr(diffusers, SCHEDULERS[sampler])
-    extra = {"use_karras_sigmas": True} if sampler == "dpm++2m_karras" else {}
+    name, extra = SCHEDULERS[sampler]
+    if name == "LMSDiscreteScheduler":  # without scipy diffusers' top-level name is a stub; stand in for quad
+        module = importlib.import_module("diffusers.schedulers.scheduling_lms_discrete")
+        if not hasattr(module, "integrate"):
+            module.integrate = types.SimpleNamespace(quad=_quad)
+        cls = module.LMSDiscreteScheduler
+    else:
+        cls = getattr(diffusers, name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe

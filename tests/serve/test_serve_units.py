@@ -105,9 +105,11 @@ def test_a1111_mapping():
     assert a1111_fields({"sampler_name": "DPM++ 2M", "scheduler": "Karras"})["sampler"] == "dpm++2m_karras"
     assert a1111_fields({"sampler_index": "DDIM"})["sampler"] == "ddim"
     assert a1111_fields({"seed": 7})["seed"] == 7
-    for body, field in [({"sampler_name": "Heun"}, "sampler_name"),
-                        ({"scheduler": "Exponential"}, "scheduler"),
-                        ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler"),
+    assert a1111_fields({"sampler_name": "Euler", "scheduler": "Karras"})["sampler"] == "euler_karras"
+    assert a1111_fields({"sampler_name": "Heun", "scheduler": "Exponential"})["sampler"] == "heun_exponential"
+    for body, field in [({"sampler_name": "UniPC"}, "sampler_name"),
+                        ({"scheduler": "sgm_uniform"}, "scheduler"),
+                        ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
                         ({"batch_size": 0}, "batch_size"), ({"n_iter": "2"}, "n_iter"),
                         ({"override_settings": []}, "override_settings"),
                         ({"override_settings": {"CLIP_stop_at_last_layers": 0}},

@@ -33,6 +33,14 @@ _COMMON = dict(
     rescale_betas_zero_snr=False,
 )
 
+_K_COMMON = {
+    **{k: v for k, v in _COMMON.items() if k != "rescale_betas_zero_snr"},
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "timestep_spacing": "linspace",
+}
+
 # The __init__ defaults of the diffusers class each sampler stands for: `XScheduler.from_config(config)` gives
 # every key missing from `config` these values (they differ between classes, e.g. timestep_spacing).
 DEFAULTS: dict[str, dict] = {
@@ -76,6 +84,12 @@ DEFAULTS: dict[str, dict] = {
         "final_sigmas_type": "zero",
     },
     "EulerAncestralDiscreteScheduler": {**_COMMON, "timestep_spacing": "linspace"},
+    # k-diffusion's Heun, LMS and DPM2 as diffusers ports them: no zero-SNR rescaling, their own beta defaults
+    "HeunDiscreteScheduler": {**_K_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+                              "clip_sample_range": 1.0},
+    "LMSDiscreteScheduler": dict(_K_COMMON),
+    "KDPM2DiscreteScheduler": {**_K_COMMON, "beta_start": 0.00085, "beta_end": 0.012},
+    "KDPM2AncestralDiscreteScheduler": {**_K_COMMON, "beta_start": 0.00085, "beta_end": 0.012},
     "LCMScheduler": {
         **_COMMON,
         "beta_start": 0.00085,
@@ -97,10 +111,9 @@ _SUPPORTED = {
     "prediction_type": ("epsilon", "v_prediction"),
     "timestep_spacing": ("linspace", "leading", "trailing"),
     "thresholding": (False,),
-    "algorithm_type": ("dpmsolver++",),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     "solver_order": (2,),
     "solver_type": ("midpoint",),
-    "use_exponential_sigmas": (False,),
     "use_beta_sigmas": (False,),
     "use_lu_lambdas": (False,),
     "use_flow_sigmas": (False,),
@@ -221,6 +234,9 @@ def resolve_config(class_name: str, config: dict, **forced) -> dict:
     cfg.update({k: v for k, v in config.items() if k in defaults and k not in from_defaults})
     cfg.update(forced)
     check_scheduler_config(cfg)
+    if cfg.get("use_karras_sigmas") and cfg.get("use_exponential_sigmas"):
+        raise ModelFolderError("scheduler config: use_karras_sigmas and use_exponential_sigmas are both true; "
+                               "diffusers allows only one")
     for key, allowed in _SUPPORTED.items():
         if key in cfg and cfg[key] not in allowed:
             raise ModelFolderError(
@@ -304,10 +320,11 @@ def alphas_cumprod(cfg: dict, terminal_floor: bool = False) -> torch.Tensor:
         betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
     else:
         betas = _cosine_betas(n)
-    if cfg["rescale_betas_zero_snr"]:
+    rescale = cfg.get("rescale_betas_zero_snr", False)  # absent: a class without it (Heun, LMS, DPM2)
+    if rescale:
         betas = _rescale_zero_terminal_snr(betas)
     abar = torch.cumprod(1.0 - betas, dim=0)
-    if cfg["rescale_betas_zero_snr"] and terminal_floor:
+    if rescale and terminal_floor:
         abar[-1] = 2**-24
     return abar
 
@@ -379,6 +396,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
+    """`steps` sigmas from sigma_max to sigma_min, evenly spaced in log sigma (k-diffusion's
+    `get_sigmas_exponential`, A1111's "Exponential" schedule type). Returns float64 numpy (steps,), descending."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep of each sigma: linear interpolation in log sigma.
 
@@ -406,6 +429,11 @@ def euler_schedule(cfg: dict, steps: int):
         hi = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
         sigmas = karras_sigmas(lo, hi, steps)
         timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
+    elif cfg.get("use_exponential_sigmas"):
+        lo = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigmas[-1].item()
+        hi = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigmas[0].item()
+        sigmas = exponential_sigmas(lo, hi, steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
     last = train_sigmas[0] if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
     return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
@@ -421,7 +449,7 @@ def euler_init_sigma(cfg: dict, sigmas: torch.Tensor) -> torch.Tensor:
     return (sigmas.max() ** 2 + 1) ** 0.5
 
 
-def dpm_solver_schedule(cfg: dict, steps: int, karras: bool):
+def dpm_solver_schedule(cfg: dict, steps: int, karras: bool, exponential: bool = False):
     """Integer timesteps and VE sigmas (with a final 0 or sigma_min) for DPM-Solver++, float32 tensors.
 
     Unlike DDIM and Euler, diffusers spaces steps + 1 points and drops the last, and counts only timesteps
@@ -446,11 +474,40 @@ def dpm_solver_schedule(cfg: dict, steps: int, karras: bool):
         timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
         if cfg["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
+    elif exponential:  # as diffusers, the timesteps are truncated to integers, not rounded
+        sigmas = exponential_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
     else:
         sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
     final = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
     return torch.from_numpy(timesteps.astype(np.int64)).to(torch.float32), torch.from_numpy(sigmas)
+
+
+def k_schedule(cfg: dict, steps: int, round_karras: bool = False):
+    """Timesteps and VE sigmas (with a final 0) for Heun, LMS, DPM2 and DPM2 ancestral: spaced as Euler, or
+    Karras / exponential sigmas between the spaced ones' ends (`use_karras_sigmas`, `use_exponential_sigmas`),
+    each then mapped back to a fractional timestep (DPM2 rounds the Karras ones: `round_karras`).
+
+    Returns (timesteps float64 numpy (n,), sigmas float32 1-d tensor (n + 1,)); n as `euler_schedule`.
+    """
+    timesteps = spaced_timesteps(cfg["timestep_spacing"], steps, cfg["num_train_timesteps"], cfg["steps_offset"])
+    timesteps = timesteps.astype(np.float32)
+    train_sigmas = sigmas_of(alphas_cumprod(cfg))
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    if cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]:
+        ramp = karras_sigmas if cfg["use_karras_sigmas"] else exponential_sigmas
+        sigmas = ramp(sigmas[-1].item(), sigmas[0].item(), steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        if round_karras and cfg["use_karras_sigmas"]:
+            timesteps = timesteps.round()
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return timesteps.astype(np.float64), torch.from_numpy(sigmas)
+
+
+def log_train_sigmas(cfg: dict) -> np.ndarray:
+    """log s_t at every training timestep: float32 numpy (T,), ascending (for `sigma_to_t`)."""
+    return np.log(sigmas_of(alphas_cumprod(cfg)))
 
 
 def lcm_timesteps(cfg: dict, steps: int) -> torch.Tensor:

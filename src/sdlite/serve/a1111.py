@@ -52,6 +52,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import InvalidRequest
+from ..samplers.registry import SCHEDULE_TYPES
 from .execution import INVALID_ARGUMENT, ServeError
 from .http_app import HTTP_STATUS, error_headers, json_response
 from .preview import preview_png
@@ -68,10 +69,10 @@ SHOWN_OPTIONS = {
     "live_previews_enable": True, "show_progress_every_n_steps": 1, "show_progress_type": "Approx cheap",
     "sd_checkpoints_limit": 1, "sd_checkpoint_cache": 0, "sd_vae_checkpoint_cache": 0,
 }
-SCHEDULERS = [
-    {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0, "need_inner_model": False},
-    {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
-]
+# A1111's schedule types that sdlite runs (the registry's SCHEDULE_TYPES), in its /schedulers shape
+SCHEDULERS = [{"name": t.name, "label": t.label, "aliases": list(t.aliases) or None,
+               "default_rho": 7.0 if t.name == "karras" else -1.0, "need_inner_model": False}
+              for t in SCHEDULE_TYPES.values()]
 EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
                "prompt-styles", "realesrgan-models")
 PIXEL_CAP = 4096 * 4096  # png-info: larger images are refused before their pixels are decoded
@@ -107,13 +108,13 @@ _FEATURES = (
 )
 # (field, the default, what a non-default value would ask for)
 _NUMBERS = (
-    ("subseed_strength", 0.0, "variation seeds (subseed_strength > 0)"),
     ("s_churn", 0.0, "s_churn other than 0"),
     ("s_noise", 1.0, "s_noise other than 1"),
     ("s_min_uncond", 0.0, "s_min_uncond other than 0"),
 )
-# eta: A1111 uses it with ancestral samplers (default 1) and DDIM (default 0); the others ignore it
-_ETA = {"euler_a": 1.0, "ddim": 0.0}
+# eta: A1111 uses it with ancestral samplers (default 1) and DDIM (default 0, honoured at any value); the
+# others ignore it. sdlite's Euler a has eta 1 only. subseed / subseed_strength (variation seeds) are honoured.
+_ETA = {"euler_a": 1.0}
 
 
 def check_features(body: dict, sampler: str) -> None:

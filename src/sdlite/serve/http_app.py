@@ -53,6 +53,7 @@ from starlette.routing import Route
 from ..errors import InvalidRequest
 from ..fileio import parse_json_text
 from ..samplers import SAMPLER_SPECS, resolve_sampler, sampler_label
+from ..samplers.registry import schedule_variant
 from .config import ApiAuth
 from .execution import (
     CANCELLED,
@@ -66,7 +67,7 @@ from .execution import (
     Interrupted,
     ServeError,
 )
-from .fields import build_request
+from .fields import build_request, decode_image_field
 from .model_routes import model_routes
 
 HTTP_STATUS = {RESOURCE_EXHAUSTED: 429, UNAVAILABLE: 503, DEADLINE_EXCEEDED: 504, CANCELLED: 499,
@@ -103,12 +104,11 @@ def a1111_fields(body: dict) -> dict:
         except InvalidRequest as exc:
             raise InvalidRequest("sampler_name", exc.message) from None
     scheduler = body.get("scheduler")
-    if scheduler not in (None, "", "Automatic", "automatic"):
-        karras = SAMPLER_SPECS[fields.get("sampler", "dpm++2m")].karras_variant
-        if not isinstance(scheduler, str) or scheduler.lower() != "karras" or karras is None:
-            raise InvalidRequest("scheduler", f"unsupported scheduler {scheduler!r} for this sampler "
-                                 "(only 'Karras' with DPM++ 2M)")
-        fields["sampler"] = karras
+    if scheduler is not None:  # A1111 1.9+'s schedule type (Automatic, Karras, Exponential, Simple)
+        try:
+            fields["sampler"] = schedule_variant(fields.get("sampler", "dpm++2m"), scheduler)
+        except InvalidRequest as exc:
+            raise InvalidRequest("scheduler", exc.message) from None
     overrides = body.get("override_settings")
     overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
@@ -120,7 +120,40 @@ def a1111_fields(body: dict) -> dict:
                                  f"must be an integer >= 1, got {stop_at!r}")
         fields["clip_skip"] = stop_at - 1
     fields["n"] = _int_field(body, "batch_size", 1) * _int_field(body, "n_iter", 1)
+    for key in ("subseed_strength", "eta"):  # variation seeds and eta, as A1111 applies them
+        if body.get(key) is not None:
+            fields[key] = body[key]
+    subseed = body.get("subseed", -1)
+    if subseed is not None and subseed != -1:
+        fields["subseed"] = subseed
     return fields
+
+
+def a1111_image_fields(body: dict) -> dict:
+    """The img2img part of an A1111 body: init_images[0] (base64 or a data: URL), mask (white = repaint;
+    inpainting_mask_invert 1 swaps), denoising_strength (default 0.75), resize_mode 0 ("Just resize")
+    only. mask_blur, inpainting_fill and inpaint_full_res are accepted and not applied (see README)."""
+    from .a1111 import decode_image
+    images = body.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise InvalidRequest("init_images", "one base64-encoded image is required")
+    if body.get("resize_mode") not in (None, 0):
+        raise InvalidRequest("resize_mode", "only 0 ('Just resize') is supported")
+    fields = {"init_image": decode_image_field("init_images", _b64(decode_image, "init_images", images[0]), "RGB"),
+              "denoising_strength": body.get("denoising_strength")}
+    if body.get("mask"):
+        mask = decode_image_field("mask", _b64(decode_image, "mask", body["mask"]), "L")
+        if body.get("inpainting_mask_invert") in (1, True):
+            mask = mask.point(lambda v: 255 - v)
+        fields["mask"] = mask
+    return fields
+
+
+def _b64(decode, name: str, value) -> bytes:
+    try:
+        return decode(value)
+    except InvalidRequest as exc:
+        raise InvalidRequest(name, exc.message) from None
 
 
 A1111_FIELD_NAMES = {"sampler": "sampler_name", "n": "batch_size",
@@ -161,7 +194,40 @@ def openai_fields(body: dict) -> dict:
     return fields
 
 
-OPENAI_FIELD_NAMES = {"width": "size", "height": "size"}
+OPENAI_FIELD_NAMES = {"width": "size", "height": "size", "init_image": "image", "denoising_strength": "strength"}
+
+
+def openai_edit_fields(form: dict) -> dict:
+    """OpenAI images.edit form -> sdlite fields: `image` (a file; the size defaults to the image's, rounded
+    down to multiples of 8), `prompt`, `n`, `size`, `mask` (a file: fully transparent pixels are repainted,
+    as OpenAI's masks say; a mask without alpha: white = repaint); sdlite's `strength` (denoising strength,
+    default 0.75 without a mask, 1 with one) and the OPENAI_EXTENSIONS as extra form fields."""
+    image = form.get("image")
+    if not isinstance(image, bytes):
+        raise InvalidRequest("image", "an image file is required")
+    numbers = {}
+    for key in ("n", "steps", "seed", "cfg_scale", "strength"):
+        value = form.get(key)
+        if isinstance(value, str) and value.strip():
+            try:
+                numbers[key] = float(value) if key in ("cfg_scale", "strength") else int(value)
+            except ValueError:
+                raise InvalidRequest(key, f"must be a number, got {value!r}") from None
+    body = {k: v for k, v in form.items() if isinstance(v, str) and k not in numbers}
+    body.update({k: v for k, v in numbers.items() if k != "strength"})
+    fields = openai_fields(body)
+    fields["init_image"] = decode_image_field("image", image, "RGB")
+    if "width" not in fields:
+        w, h = fields["init_image"].size
+        fields["width"], fields["height"] = max(8, w // 8 * 8), max(8, h // 8 * 8)
+    mask = form.get("mask")
+    if isinstance(mask, bytes):
+        m = decode_image_field("mask", mask, "RGBA")
+        alpha = m.getchannel("A")
+        has_alpha = alpha.getextrema()[0] < 255
+        fields["mask"] = alpha.point(lambda v: 255 if v == 0 else 0) if has_alpha else m.convert("L")
+    fields["denoising_strength"] = numbers.get("strength", 1.0 if "mask" in fields else 0.75)
+    return fields
 
 
 # --- plumbing --------------------------------------------------------------------------------------
@@ -377,11 +443,16 @@ class HttpApi:
         return json_response(200, [{"name": spec.label, "aliases": [spec.name, *spec.aliases], "options": {}}
                                    for spec in SAMPLER_SPECS.values()])
 
-    async def txt2img(self, request: Request) -> Response:
+    async def img2img(self, request: Request) -> Response:
+        return await self.txt2img(request, image=True)
+
+    async def txt2img(self, request: Request, image: bool = False) -> Response:
         api = "a1111"
         try:
             body = await self.read_body(request)
             fields = a1111_fields(body)
+            if image:
+                fields.update(a1111_image_fields(body))
             self.a1111.check_txt2img(body, fields)
             job, images = await self.generate(request, fields)
         except Interrupted as exc:  # A1111 answers an interrupted request 200: here with no image, none made
@@ -406,11 +477,39 @@ class HttpApi:
         return a1111_answer(body, images, self.model_name, job=job, model_hash=model.get("hash"),
                             vae_name=self.a1111.vae_name())
 
-    async def openai(self, request: Request) -> Response:
+    async def openai_edits(self, request: Request) -> Response:
+        return await self.openai(request, edits=True)
+
+    async def read_form(self, request: Request) -> dict:
+        """A multipart/form-data body (OpenAI images.edit) -> {name: str, or bytes for a file}."""
+        try:
+            size = int(request.headers["content-length"])
+        except (KeyError, ValueError):
+            raise body_error("a Content-Length header is required", close=True) from None
+        if size > self.limits.max_body_bytes:
+            raise body_error(f"at most {self.limits.max_body_bytes} bytes, got {size}", close=True)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise body_error("images/edits takes multipart/form-data (image, prompt, n, size)")
+        try:
+            form = await asyncio.wait_for(request.form(max_files=4, max_fields=64), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise body_error(f"not received within {self.body_timeout:g} s", close=True) from None
+        except Exception as exc:  # malformed multipart (starlette raises its own HTTPException / parser errors)
+            raise body_error(f"not valid multipart/form-data ({exc})", close=True) from None
+        out = {}
+        for key, value in form.multi_items():
+            key = "image" if key == "image[]" else key
+            out[key] = await value.read() if hasattr(value, "read") else value
+        return out
+
+    async def openai(self, request: Request, edits: bool = False) -> Response:
         api = "openai"
         try:
-            body = await self.read_body(request)
-            job, images = await self.generate(request, openai_fields(body))
+            if edits:
+                fields = openai_edit_fields(await self.read_form(request))
+            else:
+                fields = openai_fields(await self.read_body(request))
+            job, images = await self.generate(request, fields)
         except InvalidRequest as exc:
             self.count(api, INVALID_ARGUMENT)
             name = OPENAI_FIELD_NAMES.get(exc.field, exc.field)
@@ -441,8 +540,8 @@ def a1111_answer(body: dict, images, model_name: str, *, job=None, model_hash: s
     req = images[0].result.request if images else job.request
     seeds = [im.result.request.seed for im in images]
     n = len(images)
-    subseed = body.get("subseed")
-    subseed = subseed if isinstance(subseed, int) and not isinstance(subseed, bool) and subseed >= 0 else -1
+    subseeds = [im.result.request.subseed for im in images]
+    subseed = subseeds[0] if subseeds and subseeds[0] is not None else -1
     batch = body.get("batch_size")
     started = time.time() if job is None or job.started_at is None else \
         time.time() - (time.monotonic() - job.started_at)
@@ -450,12 +549,14 @@ def a1111_answer(body: dict, images, model_name: str, *, job=None, model_hash: s
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
         "seed": seeds[0] if seeds else req.seed, "all_seeds": seeds, "subseed": subseed,
-        "all_subseeds": [subseed] * n, "subseed_strength": 0, "width": req.width, "height": req.height,
+        "all_subseeds": [-1 if s is None else s for s in subseeds], "subseed_strength": req.subseed_strength,
+        "width": req.width, "height": req.height,
         "sampler_name": sampler_label(req.sampler), "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": batch if isinstance(batch, int) and not isinstance(batch, bool) else 1,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_name,
         "sd_model_hash": model_hash, "sd_vae_name": vae_name, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": req.denoising_strength if req.init_image is not None else None,
         "extra_generation_params": {"Schedule type": "Karras"} if req.sampler.endswith("_karras") else {},
         "index_of_first_image": 0, "infotexts": [im.result.parameters for im in images], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
@@ -464,6 +565,9 @@ def a1111_answer(body: dict, images, model_name: str, *, job=None, model_hash: s
         "interrupted": job is not None and n < job.n,
     }
     parameters = dict(body)
+    for key in ("init_images", "mask"):  # as A1111: sent back only with include_init_images
+        if key in parameters and not body.get("include_init_images"):
+            parameters[key] = None
     parameters.update({"prompt": req.prompt, "negative_prompt": req.negative_prompt,
                        "steps": req.steps, "cfg_scale": req.cfg_scale, "width": req.width,
                        "height": req.height, "seed": body.get("seed", -1),
@@ -508,7 +612,9 @@ def create_app(executor: Executor, limits, defaults, metrics, model_name: str,
     api.auth, api.a1111 = auth, A1111Api(api)
     routes = [
         Route("/sdapi/v1/txt2img", api.txt2img, methods=["POST"]),
+        Route("/sdapi/v1/img2img", api.img2img, methods=["POST"]),
         Route("/v1/images/generations", api.openai, methods=["POST"]),
+        Route("/v1/images/edits", api.openai_edits, methods=["POST"]),
         Route("/sdapi/v1/samplers", api.samplers, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
