@@ -34,6 +34,7 @@ SCHEDULERS = {
     **{f"heun{k}": ("HeunDiscreteScheduler", v) for k, v in _TYPES.items()},
     "lcm": ("LCMScheduler", {}),
     **{f"lms{k}": ("LMSDiscreteScheduler", v) for k, v in _TYPES.items()},
+    **{f"unipc{k}": ("UniPCMultistepScheduler", v) for k, v in _TYPES.items()},
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import signal
 import sys
@@ -74,6 +75,17 @@ def finite_float(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE[:SCALE] (default scale 1): a LoRA for --lora."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, finite_float(tail)
+        except argparse.ArgumentTypeError:
+            pass
+    return text, 1.0
 
 
 def byte_size(text: str) -> int:
@@ -149,8 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of " + ", ".join(f"{n} ({sampler_label(n)})" for n in SAMPLERS)
                    + "; the A1111 label works too (default: dpm++2m; an LCM model lcm, SD-Turbo euler_a)")
     g.add_argument("--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("--init-image", metavar="IN.png", default=None,
+                   help="img2img: start from this image (stretched to the size, as A1111's 'Just resize')")
+    g.add_argument("--strength", type=finite_float, default=0.75,
+                   help="img2img: denoising strength in (0, 1], the share of the steps run (default 0.75)")
+    g.add_argument("--mask", metavar="MASK.png", default=None,
+                   help="inpainting (with --init-image): white = repaint, black = keep")
+    g.add_argument("--batch-count", type=positive_int, default=1, metavar="N",
+                   help="N images with seeds s, s+1, ...: OUT.png, OUT-1.png, OUT-2.png, ... (A1111's n_iter)")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (kohya/A1111 or diffusers/PEFT .safetensors; repeatable; scale default 1, "
+                        "0 leaves it out); a bare NAME is looked up in --lora-dir")
+    g.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="where --lora NAME and the prompt's <lora:NAME:SCALE> tags are looked up")
     g.add_argument("--clip-skip", type=non_negative_int, default=0,
                    help="text encoder layers to skip from the end (A1111's 'Clip skip' minus 1)")
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                   help="a1111: (word:1.3), [word], BREAK, prompts past 75 tokens in chunks; plain: as diffusers "
+                        "(one 77-token chunk, brackets literal)")
+    g.add_argument("--embeddings-dir", metavar="DIR", default=None,
+                   help="textual-inversion embeddings (A1111's embeddings folder: .pt, .safetensors), used by "
+                        "file name in the prompts")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the physical cores, set up once)")
     g.add_argument("--memory-budget", type=byte_size, default=None,
@@ -287,7 +318,11 @@ def cmd_generate(args) -> int:
             setattr(args, name, settings[name])
     req = GenerationRequest(args.prompt, args.negative_prompt, args.steps, args.cfg_scale, args.seed,
                             args.width or native, args.height or native, args.sampler,
-                            args.clip_skip).validate(request_caps(folder))
+                            args.clip_skip)
+    req.prompt_syntax = args.prompt_syntax
+    req.init_image, req.mask = read_image(args.init_image, "RGB"), read_image(args.mask, "L")
+    req.denoising_strength = args.strength
+    req.validate(request_caps(folder))
     if args.model is None:  # the shipped model: say when a request leaves what its model card says it knows
         from .train.shapes import domain_notes
         for note in domain_notes(req.prompt, req.width, req.height):
@@ -295,13 +330,20 @@ def cmd_generate(args) -> int:
     prof = Profiler()
     try:
         pipe = Pipeline.load(folder, threads=args.threads, memory_budget=args.memory_budget,
-                             width=req.width, height=req.height, profiler=prof)
+                             width=req.width, height=req.height, profiler=prof, loras=args.lora,
+                             lora_dir=args.lora_dir, embeddings=args.embeddings_dir)
         if args.verbose:
             print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
         progress = None if args.quiet else ProgressBar()
-        result = pipe.run(req, progress=progress, profiler=prof)
-        with prof.stage("save"):
-            result.save(output)
+        outputs = []
+        for i in range(args.batch_count):  # one image at a time: seeds s, s+1, ...
+            one = req if i == 0 else copy.copy(req)  # (a copy keeps attributes set on req, e.g. prompt_syntax)
+            one.seed = (req.seed + i) % 2**64
+            result = pipe.run(one, progress=progress, profiler=prof)
+            path = batch_path(output, i)
+            with prof.stage("save"):
+                result.save(path)
+            outputs.append((path, one.seed))
     finally:
         prof.close()
     if args.verbose:
@@ -309,8 +351,26 @@ def cmd_generate(args) -> int:
         print(memory_summary(prof, pipe.plan), file=sys.stderr)
     if args.profile:
         prof.write_trace(args.profile)
-    print(f"{output} (seed {req.seed}, {req.width}x{req.height}, {req.steps} steps, {req.sampler})")
+    for path, seed in outputs:
+        print(f"{path} (seed {seed}, {req.width}x{req.height}, {req.steps} steps, {req.sampler})")
     return 0
+
+
+def batch_path(output: Path, index: int) -> Path:
+    """Image `index` of a batch: OUT.png, then OUT-1.png, OUT-2.png, ..."""
+    return output if index == 0 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+
+
+def read_image(path: str | None, mode: str):
+    """--init-image / --mask: the image in `mode` ("RGB" or "L"), or None; CliError when unreadable."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise CliError(f"{path}: cannot read the image ({exc})") from None
 
 
 def memory_summary(prof, plan) -> str:
@@ -487,6 +547,10 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--models-dir", metavar="DIR", default=None,
                    help="the models clients may switch between (diffusers folders, SD 1.x / 2.x .safetensors "
                         "and .ckpt files); -m picks the one loaded first (a name or path), else the first")
+    s.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="LoRAs (.safetensors) that requests may name in <lora:NAME:SCALE> prompt tags")
+    s.add_argument("--embeddings-dir", metavar="DIR", default=None,
+                   help="textual-inversion embeddings (.pt, .safetensors) used by name in prompts")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1); 0.0.0.0 only "
                                                       "with --api-auth / --api-token or behind a TLS proxy")
     s.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", default=None,
@@ -586,6 +650,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model, vae=Path(args.vae) if args.vae else None,
                          models_dir=Path(args.models_dir) if args.models_dir else None,
                          model_config=Path(args.config) if args.config else None,
+                         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+                         embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
                          prediction_type=args.prediction_type,
                          host=args.host, grpc_port=args.grpc_port,
                          http_port=args.http_port,

@@ -16,6 +16,7 @@ trimmed and evicted after) is the runtime's decision (`runtime.residency`), made
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError, OutdatedConfigWarning
+from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError, OutdatedConfigWarning, WeightsError
 from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
     LoadedComponent,
@@ -40,16 +41,19 @@ from .runtime.components import (
 )
 from .runtime.compute_thread import run_on_compute_thread
 from .runtime.kv_cache import cross_attention_cache
+from .runtime.lora import DEFAULT_METHOD, ActiveLoRA, LoRASet, lora_bytes, loras_from_prompt
 from .runtime.planner import Plan, SizePlans, make_plan
 from .runtime.prediction import settle_prediction_type
 from .runtime.profiler import Profiler
 from .runtime.progress import CancelFn, LatentsFn, ProgressFn, StepReporter, cancel_check
+from .runtime.prompt_encoding import DEFAULT_SYNTAX, EmbeddingTable, empty_chunk, encode_chunks, tokenize_prompt
 from .runtime.residency import Residency
 from .runtime.threads import configure_threads
-from .runtime.tiled_vae import decode_tiled
+from .runtime.tiled_vae import decode_tiled, encode_tiled
 from .samplers.schedule import fix_outdated_scheduler_config
 from .tokenizer import ClipTokenizer
 from .units import parse_bytes
+from .weights.embeddings import load_embeddings
 from .weights.model_folder import ModelFolder, shipped_model
 from .weights.sources import open_model
 
@@ -64,8 +68,11 @@ class Pipeline:
     """A loaded model folder plus the memory plan that decides how it runs. Build it with `load`."""
 
     def __init__(self, folder: ModelFolder, tokenizer: ClipTokenizer, scheduler_config: dict,
-                 plan: Plan, dtype: torch.dtype = torch.float32):
+                 plan: Plan, dtype: torch.dtype = torch.float32, lora_set: LoRASet | None = None,
+                 loras: list[ActiveLoRA] | None = None, lora_method: str = DEFAULT_METHOD):
         self.folder = folder
+        self.lora_set = lora_set or LoRASet(folder)
+        self.loras = list(loras or [])  # applied to every generation; a request's own come on top
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.plan = plan
@@ -73,11 +80,12 @@ class Pipeline:
         self.unet_config = unet_config(folder)
         self.vae_config = vae_config(folder)
         self.text_config = text_config(folder)
-        self.residency = Residency(folder, plan, dtype)
-        self.plans = SizePlans(folder, plan)
+        self.residency = Residency(folder, plan, dtype, self.loras, lora_method)
+        self.plans = SizePlans(folder, plan, lora_bytes(self.loras))
         self.caps = _caps(self.text_config)
         self.recommended = recommended_settings(folder)  # steps, cfg_scale, sampler where none are given
         self._lock = threading.Lock()
+        self.embeddings: dict = {}  # textual inversion: name -> weights.embeddings.Embedding (load's `embeddings`)
         if self.text_config.max_position_embeddings < tokenizer.max_length:
             tokenizer.max_length = self.text_config.max_position_embeddings
 
@@ -86,7 +94,8 @@ class Pipeline:
              width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
              threads: int | None = None, profiler: Profiler | None = None,
              vae: str | Path | None = None, config: str | Path | None = None,
-             prediction_type: str | None = None) -> "Pipeline":
+             prediction_type: str | None = None, loras=(), lora_dir: str | Path | None = None,
+             lora_method: str = DEFAULT_METHOD, embeddings: str | Path | None = None) -> "Pipeline":
         """Open a model and prepare it to generate: a diffusers folder, or a single-file SD 1.x / 2.x
         checkpoint (`.safetensors`, or `.ckpt` read without running its pickle's code). With no `path`, the
         model sdlite ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see
@@ -105,17 +114,27 @@ class Pipeline:
         config          for a single file: a diffusers folder whose configs, tokenizer and scheduler to use
                         (weights not needed), for shapes the weights cannot tell
         prediction_type "epsilon" or "v_prediction": overrides the scheduler config / detection
+        loras           [(path or name, scale), ...]: LoRAs (kohya/A1111 or diffusers/PEFT .safetensors) applied
+                        to every generation (scale 0: left out); a name is looked up in `lora_dir`, where
+                        requests' own LoRAs (`GenerationRequest.loras`) are looked up too
+        lora_method     "side" (y = layer(x) + scale * up(down(x))) or "merge" (W + scale * up @ down per layer
+                        at dequantization); see runtime.lora
+        embeddings      a folder of textual-inversion embeddings (A1111's embeddings/: .pt, .safetensors),
+                        used by name (the file's stem) in prompts; files of another width are skipped
+                        with a warning (see weights.embeddings)
 
         Raises ModelFolderError / WeightsError for a bad folder, file or weights (before any network is
         built when the configs are bad), PlanError when nothing fits the budget (the message names the
         smallest budget that would), ValueError for a malformed `memory_budget` string. Loading, like
         every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
         return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, dtype, threads,
-                                     profiler, vae, config, prediction_type)
+                                     profiler, vae, config, prediction_type, loras, lora_dir, lora_method,
+                                     embeddings)
 
     @classmethod
     def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae, config,
-              prediction_type) -> "Pipeline":
+              prediction_type, loras=(), lora_dir=None, lora_method=DEFAULT_METHOD,
+              embeddings=None) -> "Pipeline":
         configure_threads(threads)
         if path is None:
             path = shipped_model()
@@ -128,10 +147,14 @@ class Pipeline:
         scheduler_config = scheduler_config_of(folder)
         if isinstance(memory_budget, str):
             memory_budget = parse_bytes(memory_budget)
+        lora_set = LoRASet(folder, lora_dir)
+        active = lora_set.open_all(loras)
         if plan is None:
             native = native_size(folder)
-            plan = make_plan(folder, memory_budget, width or native, height or native)
-        pipe = cls(folder, tokenizer, scheduler_config, plan, dtype)
+            plan = make_plan(folder, memory_budget, width or native, height or native, lora_bytes=lora_bytes(active))
+        pipe = cls(folder, tokenizer, scheduler_config, plan, dtype, lora_set, active, lora_method)
+        if embeddings is not None:
+            pipe.embeddings = load_embeddings(embeddings, pipe.text_config.hidden_size)
         pipe.residency.prepare(profiler)
         return pipe
 
@@ -165,8 +188,8 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the latents the UNet denoises (4 for SD 1.x/2.x)."""
-        return self.unet_config.in_channels
+        """Channels of the latents the UNet denoises (4 for SD 1.x/2.x, inpainting UNets included)."""
+        return self.unet_config.out_channels
 
     @property
     def native_size(self) -> int:
@@ -176,6 +199,7 @@ class Pipeline:
     def close(self) -> None:
         """Drop every network and unmap the weight files; the pipeline reloads them if used again."""
         self.residency.close()
+        self.lora_set.close()
 
     def plan_for(self, width: int, height: int) -> Plan:
         """The memory plan for a `width` x `height` request (see `runtime.planner.SizePlans`).
@@ -184,18 +208,46 @@ class Pipeline:
 
     # --- the stages -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, clip_skip: int = 0) -> torch.Tensor:
-        """Text embeddings of `prompt`: (1, 77, cross_attention_dim) in the pipeline's dtype. Tokens past
-        the encoder's length are dropped (with a TokenTruncationWarning)."""
-        ids = self.tokenizer([prompt])
+    def encode_prompt(self, prompt: str, clip_skip: int = 0, prompt_syntax: str = DEFAULT_SYNTAX) -> torch.Tensor:
+        """Text embeddings of `prompt`: (1, 77 * k, cross_attention_dim) in the pipeline's dtype. "a1111":
+        weights, BREAK, k chunks of 75 tokens (see runtime.prompt_encoding); "plain": k = 1, tokens past the
+        encoder's length dropped (with a TokenTruncationWarning). The pipeline's embeddings apply in both."""
+        table = EmbeddingTable(self.tokenizer, self.embeddings) if self.embeddings else None
+        chunks = tokenize_prompt(self.tokenizer, prompt, prompt_syntax, table)
         with torch.inference_mode():
-            return self.text_encoder.module(ids, clip_skip=clip_skip).to(self.dtype)
+            return encode_chunks(self.text_encoder.module, chunks, clip_skip).to(self.dtype)
+
+    def _encode(self, text: str, request: GenerationRequest) -> torch.Tensor:
+        # the syntax is passed only when it is not the default: callers that wrap encode_prompt(prompt, clip_skip)
+        # keep working
+        if request.prompt_syntax == DEFAULT_SYNTAX:
+            return self.encode_prompt(text, request.clip_skip)
+        return self.encode_prompt(text, request.clip_skip, request.prompt_syntax)
+
+    def same_length(self, cond: torch.Tensor, uncond: torch.Tensor | None, clip_skip: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`cond` and `uncond` with the shorter one padded with the empty prompt's chunk (as A1111's
+        pad_cond_uncond does), so that classifier-free guidance can run them as one batch."""
+        if uncond is None or cond.shape[1] == uncond.shape[1]:
+            return cond, uncond
+        with torch.inference_mode():
+            empty = encode_chunks(self.text_encoder.module, [empty_chunk(self.tokenizer)], clip_skip).to(self.dtype)
+
+        def pad(x: torch.Tensor, length: int) -> torch.Tensor:
+            repeats = (length - x.shape[1]) // empty.shape[1]
+            return torch.cat([x] + [empty] * repeats, dim=1) if repeats > 0 else x
+        length = max(cond.shape[1], uncond.shape[1])
+        return pad(cond, length), pad(uncond, length)
 
     def initial_noise(self, request: GenerationRequest, generator: torch.Generator) -> torch.Tensor:
         """Standard-normal latents (1, C, height/f, width/f) float32 from `generator`, f the VAE factor."""
         f = self.vae_scale_factor
         shape = (1, self.latent_channels, request.height // f, request.width // f)
-        return torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if request.subseed_strength:  # A1111's variation seed
+            sub = torch.randn(shape, generator=torch.Generator().manual_seed(request.subseed), dtype=torch.float32)
+            noise = slerp(request.subseed_strength, noise[0], sub[0])[None]
+        return noise
 
     def guided_model(self, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
                      plan: Plan) -> GuidedModel:
@@ -232,15 +284,85 @@ class Pipeline:
     def denoise(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                 request: GenerationRequest, generator: torch.Generator,
                 on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-                plan: Plan | None = None) -> torch.Tensor:
+                plan: Plan | None = None, start: "ImageStart | None" = None) -> torch.Tensor:
         """Run the request's sampler from `noise` (1, C, h, w) float32; returns the final latents, same
-        shape. `on_step(i, total, x)` runs after step i (0-based); whatever it raises propagates."""
+        shape. `on_step(i, total, x)` runs after step i (0-based); whatever it raises propagates.
+        `start` (img2img, inpainting: see `prepare_image`): the sampler starts at the strength's step from
+        the init latents noised there, and a mask is kept to its area at every step."""
         plan = plan or self.plan
         model = self.guided_model(cond, uncond, request.cfg_scale, plan)
+        options = sampler_options(request)
         cache = cross_attention_cache(self.unet.module) if plan.kv_cache else contextlib.nullcontext()
         with torch.inference_mode(), cache:
+            if start is not None:
+                return start.run(request, model, noise, self.scheduler_config, generator, on_step, options)
             return samplers.sample(request.sampler, model, noise, request.steps, self.scheduler_config,
-                                   generator=generator, callback=on_step)
+                                   generator=generator, callback=on_step, **options)
+
+    def encode_image(self, image: Image.Image, generator: torch.Generator | None,
+                     plan: Plan | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """An RGB image (sides multiples of the VAE factor) -> latents (1, C, h, w) float32 scaled for the
+        UNet: a sample of the VAE's latent distribution drawn from `generator` (one normal draw of the
+        latents' shape, as diffusers' `latent_dist.sample(generator)`; None: its mean), times
+        scaling_factor. `keep` (1, 1, H, W) bool: pixels outside it are set to 0 (mid-gray) first. Loads the
+        VAE with its encoder; tiled as the decode is when the plan tiles it."""
+        plan = plan or self.plan
+        vae = self.residency.acquire_encoder().module
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        x = x.permute(2, 0, 1)[None] * 2.0 - 1.0
+        x = (x if keep is None else x * keep).to(self.dtype)
+        with torch.inference_mode():
+            def moments(t: torch.Tensor) -> torch.Tensor:
+                out = vae.encode(t)
+                return torch.cat(out, 1) if isinstance(out, tuple) else out
+            if plan.vae_tile:
+                out = encode_tiled(moments, x, self.vae_scale_factor, plan.vae_tile,
+                                   min(plan.vae_overlap, plan.vae_tile // 2))
+            else:
+                out = moments(x)
+            out = out.float()
+            if out.shape[1] == 2 * self.latent_channels:  # AutoencoderKL: (mean, logvar)
+                mean, logvar = out.chunk(2, dim=1)
+                z = mean
+                if generator is not None:
+                    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator,
+                                                                     dtype=torch.float32)
+            else:  # TAESD: the latents themselves
+                z = out
+            z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        _check_finite(z, "encode_image", "latents")
+        return z
+
+    def prepare_image(self, request: GenerationRequest, generator: torch.Generator, plan: Plan | None = None,
+                      latents: torch.Tensor | None = None) -> tuple[torch.Tensor, "ImageStart"]:
+        """img2img / inpainting, as diffusers' StableDiffusionImg2ImgPipeline / InpaintPipeline draw from
+        `generator`: the init image encoded (a draw), the noise (a draw), the masked image encoded (a
+        draw; inpainting only). Returns (noise, ImageStart). The init image and mask are first resized to
+        width x height as A1111's "Just resize" does (stretched, Lanczos); the mask is binarized (>= 50%
+        white: repaint) and taken to the latent size by nearest neighbour. A 9-channel inpainting UNet
+        without an init image paints on a mid-gray image with everything masked."""
+        size = (request.width, request.height)
+        init = request.init_image if request.init_image is not None else Image.new("RGB", size, (128, 128, 128))
+        init = just_resize(init.convert("RGB"), size)
+        nine = self.unet_config.in_channels == 2 * self.latent_channels + 1
+        mask = None
+        if request.mask is not None or nine:
+            m = just_resize(request.mask.convert("L"), size) if request.mask is not None else Image.new("L", size, 255)
+            mask = (torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0) >= 0.5).float()[None, None]
+        full = request.init_image is None or request.denoising_strength >= 1.0
+        image_latents = None
+        if not (nine and full):  # a 9-channel UNet at strength 1 never sees the init latents (diffusers)
+            image_latents = self.encode_image(init, generator, plan)
+        noise = self._initial_latents(request, generator, latents)
+        start = ImageStart(image_latents, request.denoising_strength if request.init_image is not None else 1.0,
+                           pure_noise=mask is not None and full)
+        if mask is not None:  # the masked image: the init image's pixels outside the mask, 0 (gray) inside
+            masked = self.encode_image(init, generator, plan, keep=mask < 0.5)
+            f = self.vae_scale_factor
+            start.mask = torch.nn.functional.interpolate(mask, size=(request.height // f, request.width // f))
+            if nine:
+                start.masked_latents = masked
+        return noise, start
 
     def decode(self, latents: torch.Tensor, plan: Plan | None = None) -> Image.Image:
         """Latents (1, C, h, w) float32, as the sampler leaves them -> an RGB image of h*f x w*f pixels;
@@ -268,6 +390,7 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
                  cfg_scale: float | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, sampler: str | None = None, clip_skip: int = 0,
+                 prompt_syntax: str = DEFAULT_SYNTAX,
                  progress: ProgressFn | None = None,
                  cancel: threading.Event | CancelFn | None = None,
                  latents: torch.Tensor | None = None,
@@ -287,6 +410,7 @@ class Pipeline:
                                     rec["cfg_scale"] if cfg_scale is None else cfg_scale, seed,
                                     width or self.native_size, height or self.native_size,
                                     sampler or rec["sampler"], clip_skip)
+        request.prompt_syntax = prompt_syntax
         return self.run(request, progress=progress, cancel=cancel, latents=latents, profiler=profiler)
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None,
@@ -299,6 +423,7 @@ class Pipeline:
         `on_latents(step, total, x)` gets the latents (1, C, h, w) float32 after each step, on the compute
         thread, before `progress` (for previews: do not modify x, copy what you keep)."""
         request.validate(self.caps, self.scheduler_config)
+        sampler_options(request)  # an eta the sampler cannot take is refused before any work
         cancelled = cancel_check(cancel)
         interrupted = threading.Event()  # the caller stopped waiting (e.g. Ctrl-C): stop at the next step
 
@@ -309,11 +434,27 @@ class Pipeline:
         prof = profiler or Profiler(sample=False)
         try:
             with self._lock:
-                return run_on_compute_thread(self._run, request, progress, is_cancelled, latents, prof,
+                return run_on_compute_thread(self._run_with_loras, request, progress, is_cancelled, latents, prof,
                                              on_latents, on_interrupt=interrupted.set)
         finally:
             if own_profiler:
                 prof.close()
+
+    def _run_with_loras(self, request: GenerationRequest, *args, **kwargs) -> GenerationResult:
+        """`_run` with the request's LoRAs (its `loras` and its prompt's `<lora:...>` tags) on top of the
+        pipeline's, taken off again after."""
+        tags = loras_from_prompt(request.prompt)[1]
+        if not request.loras and not tags:
+            return self._run(request, *args, **kwargs)
+        try:
+            extra = self.lora_set.open_all(request.loras) + self.lora_set.open_all(tags, paths=False)
+        except WeightsError as exc:
+            raise InvalidRequest("loras", str(exc)) from None
+        self.residency.use_loras(self.loras + extra)
+        try:
+            return self._run(request, *args, **kwargs)
+        finally:
+            self.residency.use_loras(self.loras)
 
     def _run(self, request: GenerationRequest, progress: ProgressFn | None, is_cancelled: CancelFn,
              latents: torch.Tensor | None, prof: Profiler, on_latents: LatentsFn | None = None
@@ -326,19 +467,20 @@ class Pipeline:
         try:
             # 1. the prompts -> text embeddings
             with prof.stage("encode"):
-                cond = self.encode_prompt(request.prompt, request.clip_skip)
+                cond = self._encode(request.prompt, request)
                 uncond = None  # none below cfg 1, nor for a guidance-distilled (LCM) UNet: see guided_model
                 if request.cfg_scale > 1.0 and not self.unet_config.time_cond_proj_dim:
-                    uncond = self.encode_prompt(request.negative_prompt, request.clip_skip)
+                    uncond = self._encode(request.negative_prompt, request)
+                cond, uncond = self.same_length(cond, uncond, request.clip_skip)
             stages.release("text_encoder", plan)
             # 2. the seeded initial noise (or the caller's latents)
             generator = torch.Generator().manual_seed(request.seed)
-            noise = self._initial_latents(request, generator, latents)
+            noise, start = self._start(request, generator, latents, plan, prof)
             # 3. the sampler loop over the UNet
             with prof.stage("unet_ready" if "unet" in stages.loaded() else "load_unet"):
                 stages.acquire("unet")
             with StepReporter(prof, progress, is_cancelled, on_latents) as on_step:
-                final = self.denoise(noise, cond, uncond, request, generator, on_step, plan)
+                final = self.denoise(noise, cond, uncond, request, generator, on_step, plan, start)
             _check_finite(final, "denoise", "latents")
             stages.release("unet", plan)
             # 4. the latents -> pixels
@@ -349,8 +491,19 @@ class Pipeline:
             stages.release_all()
             raise
         timings = [StageTiming(r.name, r.seconds) for r in prof.records[first:]]
-        return GenerationResult(image, request, format_parameters(request, self.folder.name, self.vae_name),
+        applied = [(a.name, a.scale, a.file.short_hash()) for a in self.residency.loras]
+        return GenerationResult(image, request, format_parameters(request, self.folder.name, self.vae_name, applied),
                                 timings, final, plan, prof.to_dict())
+
+    def _start(self, request: GenerationRequest, generator: torch.Generator, latents: torch.Tensor | None,
+               plan: Plan, prof: Profiler) -> tuple[torch.Tensor, "ImageStart | None"]:
+        """Step 2: the noise, and for img2img / inpainting (or a 9-channel UNet) the encoded images."""
+        if request.init_image is None and self.unet_config.in_channels == self.latent_channels:
+            return self._initial_latents(request, generator, latents), None
+        with prof.stage("encode_image"):
+            noise, start = self.prepare_image(request, generator, plan, latents)
+        self.residency.release("vae", plan)
+        return noise, start
 
     def _initial_latents(self, request: GenerationRequest, generator: torch.Generator,
                          latents: torch.Tensor | None) -> torch.Tensor:
@@ -398,3 +551,130 @@ def request_caps(folder: ModelFolder) -> Caps:
 
 def _caps(text_cfg) -> Caps:
     return Caps(max_clip_skip=text_cfg.num_hidden_layers - 1)
+
+
+# --- img2img, inpainting, variation seeds ---------------------------------------------------------------
+
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's variation-seed mix (`slerp` in modules/rng.py) of two (C, H, W) noises: spherical
+    interpolation with the norms taken along dim 1, as A1111 takes them; nearly parallel noises (mean
+    cosine > 0.9995) get A1111's linear fallback low * val + high * (1 - val)."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def just_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A1111's default resize mode "Just resize": stretched to `size` (width, height), Lanczos."""
+    return image if image.size == size else image.resize(size, Image.LANCZOS)
+
+
+def sampler_options(request: GenerationRequest) -> dict:
+    """The sampler options a request's `eta` gives, as A1111 applies eta: DDIM's eta; Euler a's ancestral
+    noise scale, which sdlite's sampler has at 1 only (another value is refused); ignored elsewhere."""
+    eta = request.eta
+    if eta is None:
+        return {}
+    if "eta" in samplers.get_spec(request.sampler).options:
+        return {"eta": eta} if eta else {}
+    if request.sampler == "euler_a" and eta != 1.0:
+        raise InvalidRequest("eta", f"sdlite's euler_a sampler runs with eta 1 only, got {eta:g}")
+    return {}
+
+
+# how each scheduler noises clean latents x0 to schedule index k, as its diffusers `add_noise` does;
+# `s` holds the untruncated schedule the sampler's loop was bound to
+def _noise_ve(s: dict, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+    return x0 + noise * s["sigmas"][k]
+
+
+def _noise_vp_sigma(s: dict, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+    sigma = s["sigmas"][k]
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha * x0 + alpha * sigma * noise
+
+
+def _noise_vp_alpha(s: dict, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+    a = s["alphas"][k]
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def _noise_lcm(s: dict, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+    a = s["alphas_cumprod"][s["timesteps"][k].long()]
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+_NOISERS = {"EulerDiscreteScheduler": _noise_ve, "EulerAncestralDiscreteScheduler": _noise_ve,
+            "DPMSolverMultistepScheduler": _noise_vp_sigma, "DDIMScheduler": _noise_vp_alpha,
+            "LCMScheduler": _noise_lcm}
+_SCHEDULE_KEYS = ("timesteps", "sigmas", "alphas", "alphas_next")  # per-step arrays a loop is bound to
+
+
+class ImageStart:
+    """What the init image gives the sampler (img2img, inpainting), from `Pipeline.prepare_image`.
+
+    image_latents  the init image's latents (1, C, h, w) scaled for the UNet; None for a 9-channel UNet
+                   at strength 1 (it never sees them)
+    strength       the share of the schedule run: diffusers' `get_timesteps`, t_start = steps -
+                   min(int(steps * strength), steps); the sampler runs from timestep index t_start
+    pure_noise     inpainting at strength 1: start from noise * the sampler's initial sigma, as diffusers'
+                   inpaint pipeline does (img2img noises the init latents to the first timestep instead)
+    mask           (1, 1, h, w) 1 = repaint, at the latent size; None: img2img
+    masked_latents a 9-channel UNet's conditioning: the masked image's latents, concatenated after the mask
+    """
+
+    def __init__(self, image_latents: torch.Tensor | None, strength: float, pure_noise: bool = False):
+        self.image_latents, self.strength, self.pure_noise = image_latents, strength, pure_noise
+        self.mask: torch.Tensor | None = None
+        self.masked_latents: torch.Tensor | None = None
+
+    def run(self, request: GenerationRequest, model: GuidedModel, noise: torch.Tensor, config: dict,
+            generator: torch.Generator, callback, options: dict) -> torch.Tensor:
+        """The sampler's loop bound to its schedule from t_start on, from the noised init latents. Raises
+        InvalidRequest for a sampler without img2img or a strength that leaves no step."""
+        spec = samplers.get_spec(request.sampler)
+        noiser = _NOISERS.get(spec.diffusers_class)
+        plan = spec.plan(config, request.steps, **options)
+        if noiser is None or not isinstance(plan.run, functools.partial):
+            names = ", ".join(n for n, sp in samplers.SAMPLER_SPECS.items() if sp.diffusers_class in _NOISERS)
+            raise InvalidRequest("sampler", f"img2img and inpainting run with {names}, not {request.sampler}")
+        steps = request.steps
+        t_start = steps - min(int(steps * self.strength), steps)
+        if t_start >= len(plan.timesteps):
+            raise InvalidRequest("denoising_strength", f"{self.strength:g} of {steps} steps runs no step; "
+                                 "raise the strength or the steps")
+        schedule = dict(plan.run.keywords)
+        bound = {k: (v[t_start:] if k in _SCHEDULE_KEYS else v) for k, v in schedule.items()}
+        run = functools.partial(plan.run.func, *plan.run.args, **bound)
+
+        def add_noise(k: int) -> torch.Tensor:
+            return noiser(schedule, self.image_latents, noise, k)
+
+        x = noise * plan.init_sigma if self.pure_noise else add_noise(t_start)
+        if self.masked_latents is not None:  # a 9-channel UNet: [latents, mask, masked image latents]
+            mask, masked = self.mask, self.masked_latents
+
+            def model_9(x_in: torch.Tensor, t: torch.Tensor, base=model) -> torch.Tensor:
+                return base(torch.cat([x_in, mask, masked], dim=1), t)
+            model = model_9
+        elif self.mask is not None:
+            callback = self._blend(callback, add_noise, t_start)
+        return run(model, x, generator=generator, callback=callback)
+
+    def _blend(self, callback, add_noise, t_start: int):
+        """A 4-channel UNet inpainting (diffusers): after each step, outside the mask the latents become
+        the init latents noised to the next step's level (clean after the last step). The loops go on from
+        the tensor they pass to the callback, so it is blended in place."""
+        mask = self.mask
+
+        def blend(i: int, n: int, x: torch.Tensor) -> None:
+            proper = add_noise(t_start + i + 1) if i < n - 1 else self.image_latents
+            x.copy_((1 - mask) * proper + mask * x)
+            if callback is not None:
+                callback(i, n, x)
+        return blend

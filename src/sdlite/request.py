@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import samplers
 from .errors import InvalidRequest
+from .tokenizer.prompt_syntax import PROMPT_SYNTAXES
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,8 @@ _UNCHECKED = (None, None)
 class GenerationRequest:
     """One text-to-image generation.
 
-    prompt, negative_prompt  text (str); tokens past the text encoder's 77 are dropped with a warning
+    prompt, negative_prompt  text (str), read as `prompt_syntax` says; in "plain" tokens past the text
+                      encoder's 77 are dropped with a warning
     steps             sampler steps (int >= 1; at most what the model's schedule can place)
     cfg_scale         classifier-free guidance scale (float >= 0); at <= 1 the negative prompt is unused
     seed              int in [0, 2^64); None or -1: a random seed, chosen (and recorded) by `validate`
@@ -106,6 +108,18 @@ class GenerationRequest:
     sampler           a name of `sdlite.samplers.SAMPLERS`, an A1111 label ("Euler a") or alias; `validate`
                       turns it into the name
     clip_skip         text encoder layers to skip from the end (0: none; A1111's "Clip skip" minus 1)
+    init_image        img2img: a PIL image to start from (None: text-to-image); resized to width x height
+                      as A1111's "Just resize" does (stretched, aspect ratio not kept)
+    denoising_strength  img2img: how much of the schedule is run over the init image (0 < s <= 1)
+    mask              inpainting (needs init_image): a PIL image, white = repaint, black = keep
+    subseed, subseed_strength  A1111's variation seed: the initial noise is slerp(subseed_strength, noise of
+                      seed, noise of subseed); subseed None or -1: drawn by `validate` when the strength is > 0
+    eta               A1111's eta: DDIM's eta (default 0) and Euler a's ancestral noise scale (default 1);
+                      None: the sampler's default; ignored by the other samplers
+    loras             ((name or path, scale), ...): LoRAs for this request on top of the pipeline's own; a
+                      name is looked up in the pipeline's LoRA folder (NAME.safetensors); scale 0: left out
+    prompt_syntax     "a1111" (default: (word:1.3), [word], BREAK, prompts past 75 tokens in chunks; see
+                      `sdlite.runtime.prompt_encoding`) or "plain" (diffusers: one 77-token chunk, brackets literal)
     """
     prompt: str
     negative_prompt: str = ""
@@ -116,6 +130,14 @@ class GenerationRequest:
     height: int = 512
     sampler: str = "dpm++2m"
     clip_skip: int = 0
+    init_image: Image.Image | None = None
+    denoising_strength: float = 0.75
+    mask: Image.Image | None = None
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    eta: float | None = None
+    loras: tuple = ()
+    prompt_syntax: str = "a1111"
 
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
@@ -155,6 +177,68 @@ class GenerationRequest:
             self.seed = random.randrange(2**32)
         self.seed = check_int("seed", self.seed, 0, SEED_LIMIT - 1)
         self.clip_skip = check_int("clip_skip", self.clip_skip, 0, caps.max_clip_skip)
+        if self.prompt_syntax not in PROMPT_SYNTAXES:
+            raise InvalidRequest("prompt_syntax", f"must be one of {', '.join(PROMPT_SYNTAXES)}, "
+                                                  f"got {self.prompt_syntax!r}")
+        self.loras = check_loras(self.loras)
+        self._check_image_fields()
+        self._check_variation_fields()
+
+    def _check_image_fields(self) -> None:
+        """img2img / inpainting: init_image and mask are PIL images (converted to RGB / L), the strength
+        in (0, 1]."""
+        from PIL import Image as PILImage
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, PILImage.Image):
+                raise InvalidRequest(name, f"must be a PIL image, got {type(value).__name__}")
+        if self.mask is not None and self.init_image is None:
+            raise InvalidRequest("mask", "a mask needs an init_image to inpaint")
+        if self.init_image is not None and self.init_image.mode != "RGB":
+            self.init_image = self.init_image.convert("RGB")
+        if self.mask is not None and self.mask.mode != "L":
+            self.mask = self.mask.convert("L")
+        self.denoising_strength = check_unit("denoising_strength", self.denoising_strength, open_low=True)
+
+    def _check_variation_fields(self) -> None:
+        self.subseed_strength = check_unit("subseed_strength", self.subseed_strength, open_low=False)
+        if self.subseed is None or (type(self.subseed) is int and self.subseed == RANDOM_SEED):
+            self.subseed = random.randrange(2**32) if self.subseed_strength > 0 else None
+        if self.subseed is not None:
+            self.subseed = check_int("subseed", self.subseed, 0, SEED_LIMIT - 1)
+        if self.eta is not None:
+            eta = self.eta
+            if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+                raise InvalidRequest("eta", f"must be a finite number >= 0, got {eta!r}")
+            self.eta = float(eta)
+
+
+MAX_LORAS = 16
+
+
+def check_loras(value) -> tuple:
+    """((name or path, scale), ...) with non-empty names and finite scales; InvalidRequest("loras") otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) > MAX_LORAS:
+        raise InvalidRequest("loras", f"must be a list of at most {MAX_LORAS} (name, scale) pairs, got {value!r}")
+    out = []
+    for item in value:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidRequest("loras", f"each LoRA is a (name, scale) pair, got {item!r}")
+        name, scale = item
+        name = check_text("loras", name, 4096)
+        if not name or isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise InvalidRequest("loras", f"each LoRA needs a name and a finite scale, got {item!r}")
+        out.append((name, float(scale)))
+    return tuple(out)
+
+
+def check_unit(name: str, value, open_low: bool) -> float:
+    """A finite number in (0, 1] (`open_low`) or [0, 1]; InvalidRequest(name) otherwise."""
+    low_ok = (lambda v: v > 0) if open_low else (lambda v: v >= 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not low_ok(value) or value > 1:
+        raise InvalidRequest(name, f"must be a number in {'(0' if open_low else '[0'}, 1], got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -198,10 +282,11 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None) -> str:
+def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None,
+                      loras=()) -> str:
     """The A1111-style `parameters` text that image viewers and other tools read back from a PNG:
     the prompt, "Negative prompt: ..." when there is one, then "Steps: 20, Sampler: DPM++ 2M, ..."."""
-    lines = [request.prompt]
+    lines = [_with_lora_tags(request.prompt, loras)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     items = [
@@ -216,6 +301,23 @@ def format_parameters(request: GenerationRequest, model_name: str, vae_name: str
         items.append(("VAE", printable_name(vae_name)))
     if request.clip_skip:
         items.append(("Clip skip", request.clip_skip + 1))
+    if request.init_image is not None:
+        items.append(("Denoising strength", f"{request.denoising_strength:g}"))
+    if request.subseed_strength:
+        items += [("Variation seed", request.subseed), ("Variation seed strength", f"{request.subseed_strength:g}")]
+    if request.eta is not None:
+        items.append(("Eta", f"{request.eta:g}"))
+    if loras:
+        hashes = ", ".join(f"{printable_name(name)}: {h}" for name, _, h in loras)
+        items.append(("Lora hashes", f'"{hashes}"'))
     items.append(("Version", "sdlite"))
     lines.append(", ".join(f"{k}: {v}" for k, v in items))
     return "\n".join(lines)
+
+
+def _with_lora_tags(prompt: str, loras) -> str:
+    """The prompt with A1111's `<lora:NAME:SCALE>` tag for each applied LoRA (name, scale, hash) that it does
+    not carry already, as A1111 records them (the tags stay in its prompt text)."""
+    tags = [f"<lora:{printable_name(name)}:{scale:g}>" for name, scale, _ in loras
+            if f"<lora:{name}:" not in prompt and f"<lora:{name}>" not in prompt]
+    return " ".join([prompt] + tags) if tags else prompt

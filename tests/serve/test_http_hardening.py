@@ -29,10 +29,11 @@ from sdlite.serve.breaker import CircuitBreaker  # noqa: E402
 from sdlite.serve.config import Limits  # noqa: E402
 from sdlite.serve.execution import Executor  # noqa: E402
 from sdlite.serve.fields import Defaults  # noqa: E402
-from sdlite.serve.http_app import MAX_JSON_DEPTH, create_app  # noqa: E402
+from sdlite.serve.http_app import create_app  # noqa: E402
 from sdlite.serve.http_server import HttpFrontEnd, add_missing_host, head_length  # noqa: E402
 from sdlite.serve.metrics import Metrics  # noqa: E402
 from sdlite.serve.process import ServerProcess  # noqa: E402
+from sdlite.serve.wire import MAX_JSON_DEPTH  # noqa: E402
 
 SMALL = dict(prompt="a red circle", steps=2, width=64, height=64, seed=1)
 

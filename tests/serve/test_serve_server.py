@@ -296,7 +296,7 @@ A1111_BAD = [
     ({"steps": 5000}, "steps"),
     ({"cfg_scale": "high"}, "cfg_scale"), ({"cfg_scale": -2}, "cfg_scale"), ({"width": 100}, "width"),
     ({"height": 0}, "height"), ({"height": 4096}, "height"), ({"seed": -5}, "seed"), ({"seed": "1"}, "seed"),
-    ({"sampler_name": "UniPC"}, "sampler_name"), ({"scheduler": "sgm_uniform"}, "scheduler"),
+    ({"sampler_name": "DPM++ SDE"}, "sampler_name"), ({"scheduler": "sgm_uniform"}, "scheduler"),
     ({"batch_size": 2, "n_iter": 2}, "batch_size"), ({"batch_size": 0}, "batch_size"),
     ({"prompt": ["a"]}, "prompt"), ({"negative_prompt": 5}, "negative_prompt"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 50}}, "override_settings.CLIP_stop_at_last_layers"),
@@ -315,7 +315,7 @@ OPENAI_BAD = [
     ({"size": "72x4096"}, "size"), ({"size": "60x64"}, "size"), ({"n": 0}, "n"), ({"n": 4}, "n"),
     ({"n": "2"}, "n"), ({"response_format": "url"}, "response_format"),
     ({"output_format": "jpeg"}, "output_format"),
-    ({"steps": -1}, "steps"), ({"sampler": "unipc"}, "sampler"), ({"seed": 2**64}, "seed"),
+    ({"steps": -1}, "steps"), ({"sampler": "dpm++_sde"}, "sampler"), ({"seed": 2**64}, "seed"),
 ]
 
 

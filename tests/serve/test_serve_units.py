@@ -107,7 +107,7 @@ def test_a1111_mapping():
     assert a1111_fields({"seed": 7})["seed"] == 7
     assert a1111_fields({"sampler_name": "Euler", "scheduler": "Karras"})["sampler"] == "euler_karras"
     assert a1111_fields({"sampler_name": "Heun", "scheduler": "Exponential"})["sampler"] == "heun_exponential"
-    for body, field in [({"sampler_name": "UniPC"}, "sampler_name"),
+    for body, field in [({"sampler_name": "DPM++ SDE"}, "sampler_name"),
                         ({"scheduler": "sgm_uniform"}, "scheduler"),
                         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
                         ({"batch_size": 0}, "batch_size"), ({"n_iter": "2"}, "n_iter"),

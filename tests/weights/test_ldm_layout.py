@@ -323,7 +323,6 @@ REFUSALS = [
     ("flux", _only({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "img_in.weight": (3072, 64)}),
      "this is a Flux checkpoint"),
     ("flux-prefixed", _only({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}), "Flux"),
-    ("inpainting", _in_channels(9), "inpainting UNets (9 input channels) are not supported yet"),
     ("pix2pix", _in_channels(8), "instruct-pix2pix"),
     ("depth", _in_channels(5), "depth-to-image"),
     ("depth-midas", _in_channels(5, **{"depth_model.model.scratch.output_conv.0.weight": (128, 256, 3, 3)}),

@@ -140,9 +140,11 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (B, T, hidden), when given, stands for the token embeddings of `input_ids`."""
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -167,7 +169,13 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of `input_ids` (B, T) -> (B, T, hidden), without positions: what
+        `forward`'s `inputs_embeds` replaces (textual-inversion vectors are put in here)."""
+        return self.text_model.embeddings.token_embedding(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Encode token ids to the hidden states the UNet cross-attends to.
 
         Args:
@@ -179,6 +187,10 @@ class CLIPTextModel(nn.Module):
                 layer's output (A1111 "Clip skip 2"). The final layer norm is applied either way.
                 Not range-checked here: a value >= num_hidden_layers runs no layer, a negative one
                 acts as 0 (the serving layer bounds it).
+            inputs_embeds: optional (B, T, hidden) token embeddings used instead of looking up
+                `input_ids` (e.g. `token_embeddings(input_ids)` with some rows replaced by
+                textual-inversion vectors); position embeddings are added either way, as in
+                transformers.
 
         Returns:
             (B, T, hidden_size) float32 hidden states (the module's compute dtype), e.g.
@@ -193,7 +205,7 @@ class CLIPTextModel(nn.Module):
         if input_ids.shape[-1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens; this text encoder takes at most "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
-        x = tm.embeddings(input_ids)
+        x = tm.embeddings(input_ids, inputs_embeds)
         layers = tm.encoder.layers
         for layer in layers[: len(layers) - clip_skip]:
             x = layer(x)

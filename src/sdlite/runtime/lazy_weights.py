@@ -70,15 +70,26 @@ class _Lazy:
     """
 
     chunk_bytes: int | None = None
+    lora = None  # a runtime.lora.Adapter while a LoRA is attached: merged into the rows, or a side path
 
     def _scale(self) -> torch.Tensor | None:
         return self._buffers.get("weight_scale")
 
     def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
         w, scale = self.weight[start:stop], self._scale()
-        if w.dtype == torch.float32 and scale is None:
+        merge = self.lora is not None and self.lora.method == "merge"
+        if w.dtype == torch.float32 and scale is None and not merge:
             return w
-        return dequantize(w, None if scale is None else scale[start:stop], WORKSPACE.take(w.shape))
+        rows = dequantize(w, None if scale is None else scale[start:stop], WORKSPACE.take(w.shape))
+        if merge:
+            self.lora.merge(rows, start, stop)
+        return rows
+
+    def _side(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` plus the attached LoRA's side path (unless it is merged into the weight)."""
+        if self.lora is not None and self.lora.method == "side":
+            out = out.add_(self.lora.side(x))
+        return out
 
     def _chunks(self) -> list[tuple[int, int]] | None:
         out = self.weight.shape[0]
@@ -95,24 +106,24 @@ class LazyLinear(_Lazy, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks()
         if chunks is None:
-            return F.linear(x, self._weight_rows(0, self.out_features), self.bias)
+            return self._side(x, F.linear(x, self._weight_rows(0, self.out_features), self.bias))
         out = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
         for a, b in chunks:
             out[..., a:b] = F.linear(x, self._weight_rows(a, b), self._bias(a, b))
-        return out
+        return self._side(x, out)
 
 
 class LazyConv2d(_Lazy, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks()
         if chunks is None:
-            return self._conv_forward(x, self._weight_rows(0, self.out_channels), self.bias)
+            return self._side(x, self._conv_forward(x, self._weight_rows(0, self.out_channels), self.bias))
         parts = [self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b)) for a, b in chunks[:1]]
         out = torch.empty((x.shape[0], self.out_channels) + parts[0].shape[2:], dtype=x.dtype)
         out[:, chunks[0][0]:chunks[0][1]] = parts.pop()
         for a, b in chunks[1:]:
             out[:, a:b] = self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b))
-        return out
+        return self._side(x, out)
 
 
 class LazyEmbedding(_Lazy, nn.Embedding):

@@ -10,6 +10,7 @@ cache of the files read) is
                                files, and the small norm/bias tensors of lazy fp16/int8 files)
   + workspace                  the largest single layer in fp32 (lazy fp16/int8 dequantization)
   + activations                measured coefficients x batch x pixels (see ACTIVATION_BYTES)
+  + LoRAs                      their low-rank pairs as fp32 (runtime.lora), per stage they target
 
 When the weights do not fit next to everything else, they are streamed: the kernel drops clean
 pages of the mapped file and reads them again when a layer needs them, so the run still completes
@@ -111,6 +112,7 @@ class ModelSizes:
     latent_channels: int
     vae_channels: int = 128
     vae_kind: str = "kl"       # "kl": the SD VAE (AutoencoderKL); "taesd": the tiny autoencoder
+    lora_bytes: dict = field(default_factory=dict)  # stage -> fp32 bytes of the LoRAs applied to it
 
     @classmethod
     def of(cls, folder: ModelFolder) -> "ModelSizes":
@@ -196,7 +198,7 @@ def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: i
     """(anonymous bytes, file-backed bytes) a stage wants resident at its peak."""
     c = sizes.component(stage)
     lazy = c.lazy and plan.weights_mode == "lazy"
-    anon = BASE_BYTES + _activations(sizes, stage, plan, width, height)
+    anon = BASE_BYTES + _activations(sizes, stage, plan, width, height) + sizes.lora_bytes.get(stage, 0)
     if lazy:
         anon += _largest(c, plan) + c.small_fp32_bytes
     elif c.lazy:
@@ -207,6 +209,7 @@ def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: i
             if other == stage:
                 continue
             oc = sizes.component(other)
+            anon += sizes.lora_bytes.get(other, 0)
             if oc.lazy and plan.weights_mode == "materialize":
                 anon += oc.fp32_bytes
             else:
@@ -251,7 +254,7 @@ def candidates(sizes: ModelSizes, width: int, height: int):
 
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
-              sizes: ModelSizes | None = None) -> Plan:
+              sizes: ModelSizes | None = None, lora_bytes: dict | None = None) -> Plan:
     """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
     else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
     that would fit when none does. With no budget: every network resident, fp16/int8 weights read from
@@ -261,6 +264,8 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     if isinstance(folder, (str, Path)):
         folder = open_model(folder)
     sizes = sizes or ModelSizes.of(folder)
+    if lora_bytes is not None:  # stage -> fp32 bytes of the LoRAs applied (runtime.lora)
+        sizes.lora_bytes = dict(lora_bytes)
     if budget is None:
         plan = Plan(width=width, height=height)
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
@@ -302,8 +307,8 @@ class SizePlans:
     networks are already built that way); plans are cached per size. Without a budget every size uses
     the loaded plan."""
 
-    def __init__(self, folder: ModelFolder, loaded: Plan):
-        self.folder, self.loaded = folder, loaded
+    def __init__(self, folder: ModelFolder, loaded: Plan, lora_bytes: dict | None = None):
+        self.folder, self.loaded, self.lora_bytes = folder, loaded, lora_bytes
         self._sizes: ModelSizes | None = None
         self._plans: dict[tuple[int, int], Plan] = {}
 
@@ -319,7 +324,7 @@ class SizePlans:
             return cached
         if self._sizes is None:
             self._sizes = ModelSizes.of(self.folder)
-        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes)
+        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes, lora_bytes=self.lora_bytes)
         if plan.residency == "staged":
             new.residency = "staged"
         elif new.residency == "staged":

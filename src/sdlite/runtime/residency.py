@@ -11,7 +11,8 @@ The pipeline only says which stage comes next (`acquire("unet")`) and that a sta
 - with a memory budget, glibc's allocator is told to return large blocks to the kernel at once
   (`memory.configure_allocator`).
 
-A loaded network gets the plan's levers (attention kernel, layer chunking, weights mode) before first use.
+A loaded network gets the plan's levers (attention kernel, layer chunking, weights mode) before first use,
+and the LoRAs in use (`runtime.lora`: adapters attached on load, detached when the network is dropped).
 This is the only place, with `runtime.memory`, that calls gc, malloc_trim or the page-cache functions.
 """
 
@@ -24,8 +25,9 @@ import torch
 from ..weights.model_folder import ModelFolder
 from . import memory
 from .attention import set_attention
-from .components import LOADERS, LoadedComponent
+from .components import LOADERS, LoadedComponent, load_vae
 from .lazy_weights import set_layer_chunking
+from .lora import DEFAULT_METHOD, ActiveLoRA, Attached, attach, detach
 from .planner import STAGES, Plan
 from .profiler import Profiler
 
@@ -33,9 +35,25 @@ from .profiler import Profiler
 class Residency:
     """The loaded networks of one model folder, held per the plan it was loaded with."""
 
-    def __init__(self, folder: ModelFolder, plan: Plan, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: ModelFolder, plan: Plan, dtype: torch.dtype = torch.float32,
+                 loras: list[ActiveLoRA] | None = None, lora_method: str = DEFAULT_METHOD):
         self.folder, self.plan, self.dtype = folder, plan, dtype
         self._loaded: dict[str, LoadedComponent] = {}
+        self.loras, self.lora_method = list(loras or []), lora_method
+        self._attached: dict[str, Attached] = {}
+
+    def use_loras(self, loras: list[ActiveLoRA]) -> None:
+        """Apply `loras` (in place of those applied now) to the loaded networks and to those loaded later."""
+        if [(id(a.file), a.scale) for a in loras] == [(id(a.file), a.scale) for a in self.loras]:
+            return
+        self.loras = list(loras)
+        for stage, part in self._loaded.items():
+            detach(self._attached.pop(stage, None))
+            self._attach(stage, part)
+
+    def _attach(self, stage: str, part: LoadedComponent) -> None:
+        if any(a.bound.get(stage) for a in self.loras):
+            self._attached[stage] = attach(part.module, stage, self.loras, self.lora_method)
 
     def prepare(self, profiler: Profiler | None = None) -> None:
         """At load time: configure the allocator under a budget; with every network resident, load them
@@ -70,7 +88,22 @@ class Residency:
             part = LOADERS[stage](self.folder, self.dtype, weights_mode=self.plan.weights_mode)
             set_attention(part.module, self.plan.attention)
             set_layer_chunking(part.module, self.plan.layer_chunk)
+            self._attach(stage, part)
             self._loaded[stage] = part
+        return part
+
+    def acquire_encoder(self) -> LoadedComponent:
+        """The VAE with its encoder (img2img, inpainting): the decoder-only VAE text-to-image loads is
+        replaced by the whole one, which then stays the "vae" stage (released as it is)."""
+        part = self._loaded.get("vae")
+        if part is not None and getattr(part.module, "encoder", None) is not None:
+            return part
+        if part is not None:
+            self._drop("vae")
+        part = load_vae(self.folder, self.dtype, with_encoder=True, weights_mode=self.plan.weights_mode)
+        set_attention(part.module, self.plan.attention)
+        set_layer_chunking(part.module, self.plan.layer_chunk)
+        self._loaded["vae"] = part
         return part
 
     def release(self, stage: str, plan: Plan | None = None) -> None:
@@ -91,6 +124,7 @@ class Residency:
         part = self._loaded.pop(stage, None)
         if part is None:
             return
+        detach(self._attached.pop(stage, None))
         files = [f.path for f in getattr(part.weights, "files", [])]
         part.close()
         del part
@@ -100,6 +134,9 @@ class Residency:
 
     def close(self) -> None:
         """Drop every network and unmap its weights."""
+        for attached in self._attached.values():
+            detach(attached)
+        self._attached.clear()
         for part in self._loaded.values():
             part.close()
         self._loaded.clear()

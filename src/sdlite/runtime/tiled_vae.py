@@ -56,3 +56,31 @@ def decode_tiled(decode, z: torch.Tensor, factor: int, tile: int = 32, overlap: 
             weight[:, :, ys_, xs_] += mask
             del img
     return out / weight
+
+
+def encode_tiled(encode, x: torch.Tensor, factor: int, tile: int = 32, overlap: int = 8) -> torch.Tensor:
+    """The encoder's side of `decode_tiled` (img2img under a plan that tiles the VAE): `encode(x_tile) ->
+    moments tile` (B, K, th/factor, tw/factor); x: [B, 3, H, W] pixels, H and W multiples of `factor`.
+    tile/overlap in latent pixels, as for decoding. Returns [B, K, H/factor, W/factor], the tiles blended
+    with linear ramps over the overlaps (each tile's GroupNorm statistics are its own: close to, not equal
+    to, the untiled encode)."""
+    if overlap >= tile:
+        raise ValueError("overlap must be smaller than the tile")
+    h, w = x.shape[2] // factor, x.shape[3] // factor
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return encode(x)
+    out = weight = None
+    for y in ys:
+        for x0 in xs:
+            th, tw = min(tile, h - y), min(tile, w - x0)
+            part = encode(x[:, :, y * factor:(y + th) * factor, x0 * factor:(x0 + tw) * factor]).float()
+            if out is None:
+                out = torch.zeros(x.shape[0], part.shape[1], h, w)
+                weight = torch.zeros(1, 1, h, w)
+            wy = _ramp(th, overlap, rise=y > 0, fall=y + th < h)
+            wx = _ramp(tw, overlap, rise=x0 > 0, fall=x0 + tw < w)
+            mask = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y:y + th, x0:x0 + tw] += part * mask
+            weight[:, :, y:y + th, x0:x0 + tw] += mask
+    return out / weight

@@ -10,8 +10,9 @@ with `XScheduler.from_config(scheduler_config)` for the same network, initial no
     euler           Euler            EulerDiscreteScheduler            (use_karras_sigmas from the config)
     euler_a         Euler a          EulerAncestralDiscreteScheduler
     lcm             LCM              LCMScheduler
+    unipc           UniPC            UniPCMultistepScheduler           UniPC-2, bh2, x0 form
 
-The table lives in `registry.py` (`SAMPLER_SPECS`); the loops in ddim.py, dpm_solver.py, euler.py, lcm.py; the
+The table lives in `registry.py` (`SAMPLER_SPECS`); the loops in ddim.py, dpm_solver.py, euler.py, lcm.py, unipc.py; the
 schedules they step through in schedule.py. Keys the config lacks take that class's defaults, as `from_config`
 gives them. `model(x_in, t)` is the network (classifier-free guidance included) called on the scaled latent
 and a 0-d float32 timestep.

@@ -33,6 +33,7 @@ from .k_samplers import (
     sample_lms,
 )
 from .lcm import sample_lcm
+from .unipc import sample_unipc
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`model(x_in, t)`: the network, classifier-free guidance included; x_in (B, C, H/8, W/8) float32 latent
@@ -144,6 +145,15 @@ def _plan_dpmpp_2m(cfg: dict, steps: int, loop: Callable[..., torch.Tensor] = sa
     return Plan(timesteps, 1.0, run)
 
 
+def _plan_unipc(cfg: dict, steps: int) -> Plan:
+    _check_step_limit(steps, cfg["num_train_timesteps"], "the model's num_train_timesteps")
+    timesteps, sigmas = S.unipc_schedule(cfg, steps)
+    _check_schedule(sigmas.numpy()[:-1], steps, cfg)  # the solver's steps are log-sigma differences
+    run = partial(sample_unipc, timesteps=timesteps, sigmas=sigmas, prediction_type=cfg["prediction_type"],
+                  lower_order_final=cfg["lower_order_final"], disable_corrector=tuple(cfg["disable_corrector"]))
+    return Plan(timesteps, 1.0, run)
+
+
 def _plan_euler(cfg: dict, steps: int, loop: Callable[..., torch.Tensor] = sample_euler) -> Plan:
     _check_step_limit(steps, cfg["num_train_timesteps"], "the model's num_train_timesteps")
     timesteps, sigmas = S.euler_schedule(cfg, steps)
@@ -199,6 +209,7 @@ def _plan_lcm(cfg: dict, steps: int) -> Plan:
 
 _DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
 _DPM_2M_SDE = {**_DPM_2M, "algorithm_type": "sde-dpmsolver++"}
+_UNIPC = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True}
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,8 @@ _SPECS = _karras_variants((
     SamplerSpec("lcm", "LCM", "LCMScheduler", _plan_lcm, aliases=("k_lcm",)),
     *_with_schedule_types(SamplerSpec("lms", "LMS", "LMSDiscreteScheduler", _plan_lms, aliases=("k_lms",)),
                           _ALL_TYPES),
+    *_with_schedule_types(SamplerSpec("unipc", "UniPC", "UniPCMultistepScheduler", _plan_unipc,
+                                      forced_config=MappingProxyType(_UNIPC)), _ALL_TYPES),
 ))
 
 SAMPLERS: tuple[str, ...] = tuple(spec.name for spec in _SPECS)

@@ -90,6 +90,25 @@ DEFAULTS: dict[str, dict] = {
     "LMSDiscreteScheduler": dict(_K_COMMON),
     "KDPM2DiscreteScheduler": {**_K_COMMON, "beta_start": 0.00085, "beta_end": 0.012},
     "KDPM2AncestralDiscreteScheduler": {**_K_COMMON, "beta_start": 0.00085, "beta_end": 0.012},
+    # UniPC (Zhao et al. 2023): its own spacing and sigmas (see `unipc_schedule`)
+    "UniPCMultistepScheduler": {
+        **_COMMON,
+        "solver_order": 2,
+        "thresholding": False,
+        "predict_x0": True,
+        "solver_type": "bh2",
+        "lower_order_final": True,
+        "disable_corrector": (),
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_flow_sigmas": False,
+        "timestep_spacing": "linspace",
+        "final_sigmas_type": "zero",
+        "use_dynamic_shifting": False,
+        "sigma_min": None,
+        "sigma_max": None,
+    },
     "LCMScheduler": {
         **_COMMON,
         "beta_start": 0.00085,
@@ -113,7 +132,8 @@ _SUPPORTED = {
     "thresholding": (False,),
     "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     "solver_order": (2,),
-    "solver_type": ("midpoint",),
+    "solver_type": ("midpoint", "bh2"),
+    "predict_x0": (True,),
     "use_beta_sigmas": (False,),
     "use_lu_lambdas": (False,),
     "use_flow_sigmas": (False,),
@@ -130,7 +150,7 @@ MAX_TRAIN_TIMESTEPS = 100_000
 
 _BOOL_KEYS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "lower_order_final",
               "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-              "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+              "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting", "predict_x0")
 _STR_KEYS = ("beta_schedule", "prediction_type", "timestep_spacing", "algorithm_type", "solver_type",
              "final_sigmas_type", "interpolation_type", "timestep_type")
 # key -> (lowest, highest, whether the bounds themselves are allowed); None: no such bound
@@ -189,6 +209,14 @@ def _check_trained_betas(betas, n: int) -> None:
             raise ModelFolderError(f"scheduler config: trained_betas must lie in (0, 1), got {_short(b)}")
 
 
+def _check_disable_corrector(config: dict, n: int) -> None:
+    """UniPC's `disable_corrector`: a list of step indices (integers from 0 to num_train_timesteps - 1)."""
+    value = config.get("disable_corrector", ())
+    if not isinstance(value, (list, tuple)) or not all(_is_int(i) and 0 <= i < n for i in value):
+        raise ModelFolderError(f"scheduler config: disable_corrector must be a list of step indices from 0 to "
+                               f"{n - 1}, got {_short(value)}")
+
+
 def check_scheduler_config(config: dict) -> None:
     """Type- and range-check the keys of a scheduler config that sdlite's samplers read (those present;
     others are ignored): integers are integers (not bools or floats), flags true/false, numbers finite and
@@ -213,6 +241,7 @@ def check_scheduler_config(config: dict) -> None:
             _check_float(key, config[key], lo, hi, inclusive)
     if config.get("trained_betas") is not None:
         _check_trained_betas(config["trained_betas"], n)
+    _check_disable_corrector(config, n)
     used = config.get("_use_default_values", [])
     if not isinstance(used, list) or not all(isinstance(k, str) for k in used):
         raise ModelFolderError(f"scheduler config: _use_default_values must be a list of key names, "
@@ -480,6 +509,31 @@ def dpm_solver_schedule(cfg: dict, steps: int, karras: bool, exponential: bool =
     else:
         sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
     final = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
+    return torch.from_numpy(timesteps.astype(np.int64)).to(torch.float32), torch.from_numpy(sigmas)
+
+
+def unipc_schedule(cfg: dict, steps: int):
+    """Integer timesteps and VE sigmas (with a final 0 or sigma_min) for UniPC, float32 tensors.
+
+    Spaced as DPM-Solver++ (steps + 1 points, the last dropped; no `lambda_min_clipped`), or Karras /
+    exponential sigmas between the config's `sigma_min`/`sigma_max` (default: the training schedule's ends),
+    mapped back to timesteps, rounded (Karras, whatever the beta schedule) or truncated (exponential) to
+    integers as diffusers does. The final sigma is 0, or with "sigma_min" the smallest sigma of the schedule:
+    the training one for the spaced schedule, the ramp's last for Karras / exponential. Returns as
+    `dpm_solver_schedule`.
+    """
+    karras, exponential = cfg["use_karras_sigmas"], cfg["use_exponential_sigmas"]
+    if not (karras or exponential):
+        return dpm_solver_schedule({**cfg, "lambda_min_clipped": -math.inf}, steps, False)
+    train_sigmas = sigmas_of(alphas_cumprod(cfg, terminal_floor=True))
+    lo = cfg["sigma_min"] if cfg["sigma_min"] is not None else train_sigmas[0].item()
+    hi = cfg["sigma_max"] if cfg["sigma_max"] is not None else train_sigmas[-1].item()
+    sigmas = (karras_sigmas if karras else exponential_sigmas)(lo, hi, steps)
+    timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+    if karras:
+        timesteps = timesteps.round()
+    final = sigmas[-1] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
     return torch.from_numpy(timesteps.astype(np.int64)).to(torch.float32), torch.from_numpy(sigmas)
 

@@ -37,7 +37,6 @@ naming the field, at any other value; nothing a client asks for is silently drop
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import ipaddress
 import json
@@ -45,6 +44,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -54,8 +54,8 @@ from starlette.routing import Route
 from ..errors import InvalidRequest
 from ..samplers.registry import SCHEDULE_TYPES
 from .execution import INVALID_ARGUMENT, ServeError
-from .http_app import HTTP_STATUS, error_headers, json_response
 from .preview import preview_png
+from .wire import HTTP_STATUS, decode_image, error_headers, json_response
 
 # options whose value changes the image and that sdlite has at one value only: another value is refused
 FIXED_OPTIONS = {
@@ -73,7 +73,7 @@ SHOWN_OPTIONS = {
 SCHEDULERS = [{"name": t.name, "label": t.label, "aliases": list(t.aliases) or None,
                "default_rho": 7.0 if t.name == "karras" else -1.0, "need_inner_model": False}
               for t in SCHEDULE_TYPES.values()]
-EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers",
+EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
                "prompt-styles", "realesrgan-models")
 PIXEL_CAP = 4096 * 4096  # png-info: larger images are refused before their pixels are decoded
 CLIP_OPTION = "CLIP_stop_at_last_layers"
@@ -182,19 +182,6 @@ def parse_infotext(text: str) -> dict:
             out[key] = value
     out.setdefault("Clip skip", "1")
     return out
-
-
-def decode_image(value) -> bytes:
-    """A base64 image (or a data: URL holding one) -> its bytes; InvalidRequest("image", ...)."""
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRequest("image", "a base64-encoded image (or a data: URL) is required")
-    value = value.strip()
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("image", "not valid base64") from None
 
 
 def png_info(data: bytes) -> dict:
@@ -385,7 +372,20 @@ class A1111Api:
         return json_response(200, [])
 
     async def embeddings(self, request: Request) -> Response:
-        return json_response(200, {"loaded": {}, "skipped": {}})
+        """The embeddings of --embeddings-dir, in A1111's shape (usable by name in prompts)."""
+        table = getattr(self.api.executor.pipe, "embeddings", None) or {}
+        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                         "shape": int(e.vectors.shape[-1]), "vectors": int(e.vectors.shape[0])}
+                  for name, e in sorted(table.items())}
+        return json_response(200, {"loaded": loaded, "skipped": {}})
+
+    async def loras(self, request: Request) -> Response:
+        """The LoRAs of --lora-dir that <lora:NAME:SCALE> tags may name, in A1111's shape."""
+        lora_set = getattr(self.api.executor.pipe, "lora_set", None)
+        folder = getattr(lora_set, "lora_dir", None)
+        files = sorted(Path(folder).glob("*.safetensors")) if folder and Path(folder).is_dir() else []
+        return json_response(200, [{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}}
+                                   for f in files])
 
     async def scripts(self, request: Request) -> Response:
         return json_response(200, {"txt2img": [], "img2img": []})
@@ -471,6 +471,7 @@ class A1111Api:
             Route(v1 + "sd-vae", self.sd_vae, methods=["GET"]),
             Route(v1 + "schedulers", self.schedulers, methods=["GET"]),
             Route(v1 + "embeddings", self.embeddings, methods=["GET"]),
+            Route(v1 + "loras", self.loras, methods=["GET"]),
             Route(v1 + "scripts", self.scripts, methods=["GET"]),
             Route(v1 + "cmd-flags", self.cmd_flags, methods=["GET"]),
             Route(v1 + "memory", self.memory, methods=["GET"]),

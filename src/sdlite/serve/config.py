@@ -83,6 +83,8 @@ class ServeConfig:
     model: Path | None               # None: the first model of models_dir
     vae: Path | None = None         # another VAE to decode with: a folder (e.g. TAESD) or a VAE file
     model_config: Path | None = None  # a single-file model's config folder (--config)
+    lora_dir: Path | None = None    # LoRAs that requests name in <lora:NAME:SCALE> prompt tags (--lora-dir)
+    embeddings_dir: Path | None = None  # textual-inversion embeddings used by name in prompts
     prediction_type: str | None = None  # overrides the model's (--prediction-type)
     host: str = "127.0.0.1"
     grpc_port: int | None = 50051   # None: no gRPC front end; 0: an ephemeral port

@@ -448,7 +448,7 @@ class Executor:
                 if job.interrupted:
                     break
                 i_box[0] = job.image_index = i
-                request = dataclasses.replace(job.request, seed=(job.request.seed + i) % 2**64)
+                request = batch_request(job.request, i)
                 image = self._image(job, i, request, progress=progress, cancel=should_stop,
                                     on_latents=on_latents)
                 done_steps += request.steps
@@ -484,6 +484,16 @@ class Executor:
         result.timings.append(StageTiming("png", time.perf_counter() - t0))
         result.latents = result.profile = None
         return Image(png, result)
+
+
+def batch_request(request: GenerationRequest, i: int) -> GenerationRequest:
+    """Image i of a job, as A1111 numbers a batch: seeds s, s+1, ...; with a variation seed
+    (subseed_strength > 0) the seed stays and the subseeds go subseed, subseed+1, ..."""
+    if not i:
+        return request
+    if request.subseed_strength:
+        return dataclasses.replace(request, subseed=(request.subseed + i) % 2**64)
+    return dataclasses.replace(request, seed=(request.seed + i) % 2**64)
 
 
 def _serve_error(job: Job, exc: Exception) -> ServeError:

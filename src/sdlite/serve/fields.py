@@ -5,7 +5,8 @@ calls `build_request`, which checks it with the request contract (`sdlite.reques
 `Caps`; a bad field raises `InvalidRequest` with `.field` set to that key, and the front end renames it to
 its own wire name (A1111 `sampler_name`, OpenAI `size`, ...) before answering.
 
-    prompt, negative_prompt, steps, cfg_scale, seed, width, height, sampler, clip_skip, n
+    prompt, negative_prompt, steps, cfg_scale, seed, width, height, sampler, clip_skip, n,
+    init_image, mask (PIL images: `decode_image_field`), denoising_strength, subseed, subseed_strength, eta
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..request import Caps, GenerationRequest, check_int
 from .config import Limits
 
 FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
-          "clip_skip", "n")
+          "clip_skip", "n", "init_image", "mask", "denoising_strength", "subseed", "subseed_strength", "eta")
+IMAGE_PIXEL_CAP = 4096 * 4096  # init images and masks: larger ones are refused before their pixels are decoded
 
 
 @dataclass
@@ -80,6 +82,26 @@ def build_request(fields: dict, limits: Limits, defaults: Defaults) -> tuple[Gen
         height=_whole(get("height", defaults.height)),
         sampler=get("sampler", "") or defaults.sampler,
         clip_skip=_whole(get("clip_skip", 0)),
+        init_image=fields.get("init_image"), mask=fields.get("mask"),
+        denoising_strength=get("denoising_strength", 0.75), subseed=_whole(fields.get("subseed")),
+        subseed_strength=get("subseed_strength", 0.0), eta=fields.get("eta"),
     ).validate(caps_for(limits, defaults))
     n = check_int("n", _whole(get("n", 1)), 1, limits.max_images)
     return request, n
+
+
+def decode_image_field(name: str, data: bytes, mode: str):
+    """An uploaded image's bytes -> a PIL image in `mode` ("RGB", "L" or "RGBA"); InvalidRequest(name)
+    for bytes that are no image or one over IMAGE_PIXEL_CAP pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import InvalidRequest
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > IMAGE_PIXEL_CAP:
+                raise InvalidRequest(name, f"at most {IMAGE_PIXEL_CAP} pixels, got {im.width}x{im.height}")
+            return im.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        raise InvalidRequest(name, "not a readable image (PNG, JPEG, WebP)") from None

@@ -40,12 +40,12 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .execution import Executor
-from .http_app import (  # noqa: F401  (the field mappings are imported from here by tests and tools)
+from .http_app import create_app
+from .wire import (  # noqa: F401  (the field mappings are imported from here by tests and tools)
     A1111_FIELD_NAMES,
     BODY_TIMEOUT,
     OPENAI_FIELD_NAMES,
     a1111_fields,
-    create_app,
     openai_fields,
 )
 

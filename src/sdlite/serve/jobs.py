@@ -61,7 +61,8 @@ from ..errors import InvalidRequest
 from ..samplers import SAMPLER_SPECS, sampler_label
 from .execution import CANCELLED, INVALID_ARGUMENT, OK, ServeError
 from .fields import build_request
-from .http_app import (
+from .preview import preview_png
+from .wire import (
     A1111_FIELD_NAMES,
     HTTP_STATUS,
     a1111_fields,
@@ -69,7 +70,6 @@ from .http_app import (
     error_headers,
     json_response,
 )
-from .preview import preview_png
 
 PROGRESS_INTERVAL = 0.5   # seconds between progress events of one stream (a Pi's step takes longer)
 HEARTBEAT = 15.0          # seconds between comment lines on an idle stream

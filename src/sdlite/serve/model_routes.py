@@ -35,7 +35,7 @@ def _answer(api) -> dict:
 
 
 def _error(status: int, code: str, detail: str, field: str | None = None, close: bool = False) -> Response:
-    from .http_app import json_response
+    from .wire import json_response
     body = {"error": code, "detail": detail}
     if field:
         body["field"] = field
@@ -48,7 +48,7 @@ def _no_catalog() -> Response:
 
 def model_routes(api) -> list[Route]:
     """The routes, over `api` (an `http_app.HttpApi` with `list_models` / `switch_model` attributes)."""
-    from .http_app import HTTP_STATUS, error_headers, json_response
+    from .wire import HTTP_STATUS, error_headers, json_response
 
     async def list_models(request: Request) -> Response:
         if getattr(api, "list_models", None) is None:

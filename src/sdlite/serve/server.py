@@ -93,7 +93,8 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     # thread and the slots only wait, so torch keeps one OpenMP team and signal handlers keep running
     catalog = ModelCatalog(config.models_dir, config.model,
                            dict(threads=config.threads, vae=config.vae, config=config.model_config,
-                                prediction_type=config.prediction_type, **budget))
+                                prediction_type=config.prediction_type, lora_dir=config.lora_dir,
+                                embeddings=config.embeddings_dir, **budget))
     pipe = catalog.load_first()
     try:
         defaults = Defaults.for_pipeline(pipe)

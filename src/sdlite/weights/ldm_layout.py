@@ -553,8 +553,7 @@ def _read_unet(shapes: Mapping[str, tuple[int, ...]]) -> _Part:
 
 def _in_channels(shapes: Mapping[str, tuple[int, ...]]) -> int:
     c = _shape(shapes, "input_blocks.0.0.weight", 4, UNET_PREFIX)[1]
-    refusals = {9: "this is an inpainting checkpoint: inpainting UNets (9 input channels) are not supported yet",
-                8: "this is an instruct-pix2pix UNet (8 input channels: latents and the input image); " + ONLY
+    refusals = {8: "this is an instruct-pix2pix UNet (8 input channels: latents and the input image); " + ONLY
                    + " (text-to-image)",
                 5: "this is an SD 2 depth-to-image UNet (5 input channels); " + ONLY + " (text-to-image)"}
     if c in refusals:
@@ -860,7 +859,8 @@ def _check_coherent(unet: dict, vae: dict, text: dict) -> None:
     if text["hidden_size"] != unet["cross_attention_dim"]:
         raise WeightsError(f"the text encoder is {text['hidden_size']} wide but the UNet attends to "
                            f"{unet['cross_attention_dim']}-wide context: parts of different models")
-    if unet["in_channels"] != vae["latent_channels"] or unet["out_channels"] != vae["latent_channels"]:
+    inputs = (vae["latent_channels"], 2 * vae["latent_channels"] + 1)  # + mask and masked image: inpainting
+    if unet["in_channels"] not in inputs or unet["out_channels"] != vae["latent_channels"]:
         raise UnsupportedCheckpoint(f"the UNet takes {unet['in_channels']} channels and predicts "
                                     f"{unet['out_channels']}, the VAE has {vae['latent_channels']} latent channels; "
                                     + ONLY + " (text-to-image UNets)")
