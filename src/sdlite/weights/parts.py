@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from ..errors import WeightsError
 from ..fileio import read_json
 from .ldm_layout import Source, apply, read_vae_layout
 from .pickle_checkpoint import open_checkpoint
-from .state_dict import load_component_weights
+from .state_dict import MappedWeights, load_component_weights
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,13 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class RenamedWeights(Mapping):
-    """One network's tensors in a checkpoint file, by module name (a ``Mapping[str, Tensor]`` with the
-    helper methods of `ComponentWeights`). Each tensor is the file's tensor or a view of it (a chunk along
-    dim 0, a reshape): nothing is copied. Holds the open file; `close` releases it."""
+class RenamedWeights(MappedWeights):
+    """One network's tensors in a checkpoint file, by module name. Each tensor is the file's tensor or a view
+    of it (a chunk along dim 0, a reshape): nothing is copied. Holds the open file; `close` releases it."""
 
     def __init__(self, file, mapping: dict[str, Source], source: str):
         self.file = file
+        self.files = (file,)
         self.mapping = mapping
         self.source = source
 
@@ -97,33 +97,6 @@ class RenamedWeights(Mapping):
 
     def nbytes_of(self, name: str) -> int:
         return math.prod(self.shape_of(name)) * _itemsize(self.dtype_of(name))
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.nbytes_of(k) for k in self.mapping)
-
-    @property
-    def files(self) -> tuple:
-        return (self.file,)
-
-    @property
-    def copied_tensors(self) -> int:
-        return self.file.copied_tensors
-
-    def is_view(self, tensor: torch.Tensor) -> bool:
-        return self.file.is_view(tensor)
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "RenamedWeights":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"RenamedWeights({self.source!r}, {len(self)} tensors)"

@@ -17,7 +17,7 @@ from sdlite.errors import ModelFolderError, WeightsError
 from sdlite.fileio import read_json
 from sdlite.weights.safetensors_mmap import SafetensorsFile, open_safetensors
 
-__all__ = ["ComponentWeights", "LoadReport", "check_fits", "load_component_weights", "load_into", "format_names"]
+__all__ = ["ComponentWeights", "LoadReport", "MappedWeights", "check_fits", "load_component_weights", "load_into", "format_names"]
 
 WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -229,11 +229,44 @@ def _assign(names: list[str], t: torch.Tensor, slots: dict[str, _Slot], dtype: t
         report.loaded.append(name)
 
 
-class ComponentWeights(Mapping):
-    """A component's tensors, merged over one or more mapped safetensors files (a ``Mapping[str, Tensor]``).
+class MappedWeights(Mapping):
+    """A network's tensors read from mapped checkpoint files, by name (a ``Mapping[str, Tensor]``): what
+    `ComponentWeights` (a diffusers component folder) and `parts.RenamedWeights` (a network inside a
+    single file) share. A subclass sets `source`, `files` (the open files, each with `close`,
+    `copied_tensors`, `is_view`) and defines the mapping and `dtype_of` / `shape_of` / `nbytes_of`.
+    Holding the files keeps the mappings alive as long as this object (and, independently, as long as any
+    tensor taken from it); `close` (or leaving a `with` block) releases them."""
 
-    Holds the `SafetensorsFile` objects, so the mappings live as long as this object (and, independently,
-    as long as any tensor taken from it)."""
+    source: str
+    files: tuple
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes_of(k) for k in self)
+
+    @property
+    def copied_tensors(self) -> int:
+        return sum(f.copied_tensors for f in self.files)
+
+    def is_view(self, tensor: torch.Tensor) -> bool:
+        return any(f.is_view(tensor) for f in self.files)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+class ComponentWeights(MappedWeights):
+    """A component's tensors, merged over one or more mapped safetensors files (e.g. a sharded UNet)."""
 
     def __init__(self, source: str, files: list[SafetensorsFile], where: dict[str, SafetensorsFile]):
         self.source = source
@@ -260,30 +293,6 @@ class ComponentWeights(Mapping):
 
     def nbytes_of(self, key: str) -> int:
         return self._where[key].nbytes_of(key)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.nbytes_of(k) for k in self._where)
-
-    @property
-    def copied_tensors(self) -> int:
-        return sum(f.copied_tensors for f in self.files)
-
-    def is_view(self, tensor: torch.Tensor) -> bool:
-        return any(f.is_view(tensor) for f in self.files)
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> "ComponentWeights":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"ComponentWeights({self.source!r}, {len(self)} tensors in {len(self.files)} file(s))"
