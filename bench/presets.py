@@ -38,11 +38,8 @@ ROWS = {
 
 
 def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from sdlite.runtime.memory import rss
+    return rss().anon
 
 
 def child(spec: dict) -> None:

@@ -250,27 +250,19 @@ def check_weights_fit(folder: ModelFolder, names=("text_encoder", "unet", "vae")
             check_fits(_build(build), DequantizedNames(weights), source=part.describe(), key_map=key_map)
 
 
-class DequantizedNames(Mapping):
-    """A checkpoint's keys without the int8 scale tensors (`name.weight_scale`), which are no module's;
-    the tensors as stored (shapes are what is checked)."""
+class DequantizedNames(DequantizedView):
+    """`DequantizedView`'s names (int8 scale keys hidden) for a shape check: an int8 weight with scales is
+    shown as an fp32 tensor of its shape on `meta`, nothing is dequantized; `origin` is the source's."""
 
     def __init__(self, weights):
-        self.weights = weights
-        self._keys = [k for k in weights.keys()
-                      if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in weights)]
+        super().__init__(weights)
         self.origin = getattr(weights, "origin", None)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self.weights[key]
-        if not t.is_floating_point() and key + SCALE_SUFFIX in self.weights:  # int8 + scales: a float weight
+        if not t.is_floating_point() and key + SCALE_SUFFIX in self.weights:
             return torch.empty(t.shape, dtype=torch.float32, device="meta")
         return t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 # What diffusers' pipelines and the model cards use when the user says nothing (steps, cfg_scale, sampler).

@@ -156,10 +156,11 @@ def vae_file_part(path: str | Path, like: tuple[dict, Path] | None = None) -> Fi
         mapping, config, _ignored = read_vae_layout(shapes)
     except WeightsError as exc:
         raise type(exc)(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from None
-    if like is not None and all(_same(like[0].get(k), config.get(k)) for k in VAE_SHAPE_FIELDS):
+    if like is not None and all(same_value(like[0].get(k), config.get(k)) for k in VAE_SHAPE_FIELDS):
         return FilePart(path, "vae", mapping, copy.deepcopy(like[0]), like[1])
     return FilePart(path, "vae", mapping, config)
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Two config values equal, a JSON list and a tuple alike."""
     return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b

@@ -32,7 +32,7 @@ from ..errors import ModelFolderError, WeightsError
 from ..fileio import read_json
 from .ldm_layout import Layout, read_layout
 from .model_folder import TOKENIZER_FILES, check_prediction_type, check_vae_path
-from .parts import FilePart, FolderPart, read_shapes, vae_file_part
+from .parts import FilePart, FolderPart, read_shapes, same_value, vae_file_part
 from .standard_configs import LCM_SCHEDULER, SD15_SCHEDULER, SD21_SCHEDULER, SD_TURBO_SCHEDULER
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -228,8 +228,7 @@ class SingleFileModel:
             theirs, ours = read_json(given), getattr(self.layout, f"{name}_config")
             for key in fields:
                 a, b = theirs.get(key), ours.get(key)
-                if key in ours and key in theirs and (list(a) if isinstance(a, (list, tuple)) else a) != \
-                        (list(b) if isinstance(b, (list, tuple)) else b):
+                if key in ours and key in theirs and not same_value(a, b):
                     raise ModelFolderError(
                         f"{given}: {key} is {a!r}, but {self.path.name} ({FAMILY_NAMES[self.family]}) has "
                         f"{b!r}: --config must describe this file's networks")
