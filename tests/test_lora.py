@@ -236,3 +236,20 @@ def test_lcm_lora_preset_matches_diffusers(model, tmp_path, capsys):
     _, img = reference(model, [(lcm, 1.0)], scheduler="LCMScheduler", **kw)
     with Image.open(out) as im:
         assert np.abs(np.asarray(im.convert("RGB")).astype(np.float64) - img).max() <= 1.0
+
+
+@pytest.mark.parametrize("method", ["side", "merge"])
+def test_loras_apply_in_bf16(tiny_model, tmp_path, method):
+    """Under bf16 the pairs are held in bf16 and applied as in fp32 (side path or merged per layer)."""
+    lora = random_lora(tiny_model, tmp_path / "l.safetensors", fmt="kohya", conv=True, rank=4, alpha=4, seed=5)
+    kw = dict(steps=3, seed=2, width=64, height=64)
+    base = Pipeline.load(tiny_model, precision="bf16", plan=Plan(width=64, height=64))
+    plain = np.asarray(base.generate("a red circle", **kw).image).astype(int)
+    ref = Pipeline.load(tiny_model, precision="fp32", loras=[(lora, 1.0)], lora_method=method)
+    pipe = Pipeline.load(tiny_model, precision="bf16", loras=[(lora, 1.0)], lora_method=method,
+                         plan=Plan(width=64, height=64))
+    with_lora = np.asarray(pipe.generate("a red circle", **kw).image).astype(int)
+    want = np.asarray(ref.generate("a red circle", **kw).image).astype(int)
+    assert np.abs(with_lora - plain).mean() > 3 * np.abs(with_lora - want).mean()  # the LoRA acts, as in fp32
+    adapters = [m.lora for m in pipe.unet.module.modules() if getattr(m, "lora", None) is not None]
+    assert adapters and all(a.down.dtype == torch.bfloat16 for a in adapters)

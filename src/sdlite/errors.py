@@ -52,3 +52,7 @@ class Cancelled(SdliteError):
 class OutdatedConfigWarning(UserWarning):
     """A model's config carries values that diffusers rewrites for Stable Diffusion (e.g. an old scheduler
     config's `steps_offset: 0`); sdlite applies the same fix and says so."""
+
+
+class PrecisionFallbackWarning(UserWarning):
+    """A stage's reduced-precision output was not finite; it was computed again in fp32 (and stays fp32)."""

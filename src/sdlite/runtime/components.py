@@ -37,6 +37,7 @@ class LoadedComponent:
     weights: ComponentWeights  # keeps the mapping alive while the module reads from it
     num_parameters: int
     weights_mode: str = "lazy"
+    dtype: torch.dtype = torch.float32  # what the network computes in
 
     def close(self) -> None:
         self.module = None
@@ -84,36 +85,39 @@ class DequantizedView(Mapping):
 
 def _load(folder: ModelFolder, name: str, module: nn.Module, dtype: torch.dtype,
           key_map=None, weights_mode: str = "lazy") -> LoadedComponent:
-    """`lazy`: Linear/Conv2d/Embedding weights stay in the file in their stored dtype (fp16, int8)
-    and are dequantized per layer at use; `materialize`: everything becomes `dtype` at load."""
+    """Put `folder`'s weights for `name` into `module` (built on meta), to compute in `dtype` (fp32, bf16,
+    fp16). `lazy`: Linear/Conv2d/Embedding weights stay in the file as stored, zero-copy, and are converted
+    per layer at use when their stored dtype is not `dtype` (fp16 -> bf16, int8 -> fp32, ...); the small
+    tensors (norms, biases) become `dtype` at load. `materialize`: everything becomes `dtype` at load."""
     if weights_mode not in WEIGHT_MODES:
         raise ValueError(f"weights_mode must be one of {WEIGHT_MODES}, got {weights_mode!r}")
     part = folder.part(name)
     weights = part.open_weights()
     source = part.describe()
     try:
-        if weights_mode == "lazy" and dtype == torch.float32:
+        if weights_mode == "lazy":
+            module.to(dtype)  # on meta: the slots of the small tensors take the compute dtype
             file_key = {}
             for k in weights.keys():
                 mapped = key_map(k) if key_map else k
                 if mapped is not None:
                     file_key[mapped] = k
             for lname, layer in swap_layers(module).items():
+                layer.compute_dtype = dtype
                 k = file_key.get(f"{lname}.weight")
                 if k is None:
                     continue  # load_into reports it as missing
                 stored = weights.dtype_of(k)
-                if stored != torch.float32:
+                if stored != dtype or k + SCALE_SUFFIX in weights:
                     prepare_stored_weight(layer, stored, quantized=k + SCALE_SUFFIX in weights)
             load_into(module, weights, source=source, dtype=None, key_map=key_map)
         else:
-            weights_mode = "materialize"
             load_into(module, DequantizedView(weights), source=source, dtype=dtype, key_map=key_map)
     except Exception:
         weights.close()
         raise
     n = sum(p.numel() for p in module.parameters())
-    return LoadedComponent(name, module, weights, n, weights_mode)
+    return LoadedComponent(name, module, weights, n, weights_mode, dtype)
 
 
 def _config(folder: ModelFolder, name: str, cls):

@@ -1,5 +1,6 @@
-"""Layers whose weights stay in the mapped file in their stored dtype (fp16 or int8) and are
-dequantized to fp32 just before use, into a reused per-thread workspace.
+"""Layers whose weights stay in the mapped file in their stored dtype (fp32, fp16 or int8) and are
+converted to the compute dtype (that of the layer's input: fp32, bf16 or fp16) just before use, into a
+reused per-thread workspace; a weight already stored in the compute dtype is used as it is.
 
 The model code never sees these: `swap_layers(module)` replaces a built model's nn.Linear, nn.Conv2d
 and nn.Embedding instances in place (same parameter names), before the weights are put in.
@@ -21,22 +22,22 @@ QUANTIZED_DTYPES = (torch.int8,)
 
 
 class Workspace(threading.local):
-    """A flat fp32 buffer per thread, grown to the largest layer seen; dequantized weights live here
-    only for the duration of one layer's forward."""
+    """A flat byte buffer per thread, grown to the largest layer seen; dequantized weights live here, in
+    the compute dtype of the layer being run (fp32, bf16, fp16), only for the duration of its forward."""
 
     def __init__(self):
-        self.buffer = torch.empty(0, dtype=torch.float32)
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
-    def take(self, shape: torch.Size) -> torch.Tensor:
-        n = 1
+    def take(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = dtype.itemsize
         for s in shape:
             n *= s
         if self.buffer.numel() < n:
-            self.buffer = torch.empty(n, dtype=torch.float32)
-        return self.buffer[:n].view(shape)
+            self.buffer = torch.empty(n, dtype=torch.uint8)
+        return self.buffer[:n].view(dtype).view(shape)
 
     def release(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.float32)
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
 
 WORKSPACE = Workspace()
@@ -52,7 +53,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """fp32 copy of a stored weight (fp16/bf16/int8) in `out` (or a new tensor)."""
+    """Float copy of a stored weight (fp32/fp16/bf16/int8) in `out` (its dtype; None: a new fp32 tensor)."""
     if out is None:
         out = torch.empty(weight.shape, dtype=torch.float32)
     out.copy_(weight)
@@ -70,17 +71,20 @@ class _Lazy:
     """
 
     chunk_bytes: int | None = None
+    compute_dtype: torch.dtype | None = None  # the network's compute dtype (an embedding's output); None: fp32
     lora = None  # a runtime.lora.Adapter while a LoRA is attached: merged into the rows, or a side path
 
     def _scale(self) -> torch.Tensor | None:
         return self._buffers.get("weight_scale")
 
-    def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
+    def _weight_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output channels start:stop of the weight in `dtype` (the input's): the stored rows when they are
+        already that dtype, else converted (int8: times their scales) into the workspace."""
         w, scale = self.weight[start:stop], self._scale()
         merge = self.lora is not None and self.lora.method == "merge"
-        if w.dtype == torch.float32 and scale is None and not merge:
+        if w.dtype == dtype and scale is None and not merge:
             return w
-        rows = dequantize(w, None if scale is None else scale[start:stop], WORKSPACE.take(w.shape))
+        rows = dequantize(w, None if scale is None else scale[start:stop], WORKSPACE.take(w.shape, dtype))
         if merge:
             self.lora.merge(rows, start, stop)
         return rows
@@ -94,7 +98,7 @@ class _Lazy:
     def _chunks(self) -> list[tuple[int, int]] | None:
         out = self.weight.shape[0]
         if not self.chunk_bytes or 4 * self.weight.numel() <= self.chunk_bytes:
-            return None
+            return None  # sized in fp32 bytes whatever the compute dtype: the plan's unit
         rows = max(1, self.chunk_bytes // (4 * (self.weight.numel() // out)))
         return [(i, min(out, i + rows)) for i in range(0, out, rows)]
 
@@ -106,10 +110,10 @@ class LazyLinear(_Lazy, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks()
         if chunks is None:
-            return self._side(x, F.linear(x, self._weight_rows(0, self.out_features), self.bias))
+            return self._side(x, F.linear(x, self._weight_rows(0, self.out_features, x.dtype), self.bias))
         out = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
         for a, b in chunks:
-            out[..., a:b] = F.linear(x, self._weight_rows(a, b), self._bias(a, b))
+            out[..., a:b] = F.linear(x, self._weight_rows(a, b, x.dtype), self._bias(a, b))
         return self._side(x, out)
 
 
@@ -117,12 +121,12 @@ class LazyConv2d(_Lazy, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks()
         if chunks is None:
-            return self._side(x, self._conv_forward(x, self._weight_rows(0, self.out_channels), self.bias))
-        parts = [self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b)) for a, b in chunks[:1]]
+            return self._side(x, self._conv_forward(x, self._weight_rows(0, self.out_channels, x.dtype), self.bias))
+        parts = [self._conv_forward(x, self._weight_rows(a, b, x.dtype), self._bias(a, b)) for a, b in chunks[:1]]
         out = torch.empty((x.shape[0], self.out_channels) + parts[0].shape[2:], dtype=x.dtype)
         out[:, chunks[0][0]:chunks[0][1]] = parts.pop()
         for a, b in chunks[1:]:
-            out[:, a:b] = self._conv_forward(x, self._weight_rows(a, b), self._bias(a, b))
+            out[:, a:b] = self._conv_forward(x, self._weight_rows(a, b, x.dtype), self._bias(a, b))
         return self._side(x, out)
 
 
@@ -130,7 +134,7 @@ class LazyEmbedding(_Lazy, nn.Embedding):
     """Looks rows up in the stored table and converts only those rows."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight).float()
+        rows = F.embedding(ids, self.weight).to(self.compute_dtype or torch.float32)
         scale = self._scale()
         if scale is not None:
             rows = rows * scale[ids][..., None]

@@ -110,11 +110,22 @@ class LoRASet:
         self._files.clear()
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype `layer` computes in: a lazy layer's (runtime.lazy_weights), else its weight's float dtype."""
+    dtype = getattr(layer, "compute_dtype", None)
+    if dtype is not None:
+        return dtype
+    w = getattr(layer, "weight", None)
+    return w.dtype if w is not None and w.is_floating_point() else torch.float32
+
+
 class Adapter:
-    """The low-rank pairs of one layer, user scale and alpha/rank folded into `up` (fp32)."""
+    """The low-rank pairs of one layer, user scale and alpha/rank folded into `up`, held in the layer's
+    compute dtype (fp32; bf16 / fp16 under a reduced precision, see runtime.precision)."""
 
     def __init__(self, layer: nn.Module, parts: list[tuple[LoRALayer, float]], method: str):
         conv = isinstance(layer, nn.Conv2d)
+        dtype = compute_dtype(layer)
         downs, ups = [], []
         for lora, scale in parts:
             down, up = lora.down.float(), lora.up.float() * (scale * lora.alpha_scale)
@@ -125,12 +136,12 @@ class Adapter:
                 down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
             downs.append(down)
             ups.append(up)
-        self.down = torch.cat(downs, 0).contiguous()
-        self.up = torch.cat(ups, 1).contiguous()
+        self.down = torch.cat(downs, 0).to(dtype).contiguous()
+        self.up = torch.cat(ups, 1).to(dtype).contiguous()
         self.layer, self.conv, self.method = layer, conv, method
 
     def nbytes(self) -> int:
-        return 4 * (self.down.numel() + self.up.numel())
+        return self.down.element_size() * (self.down.numel() + self.up.numel())
 
     def side(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv:
@@ -140,7 +151,8 @@ class Adapter:
         return F.linear(F.linear(x, self.down), self.up)
 
     def merge(self, rows: torch.Tensor, start: int, stop: int) -> None:
-        """Add up[start:stop] @ down to `rows`, the layer's fp32 weight rows start:stop (a workspace)."""
+        """Add up[start:stop] @ down to `rows`, the layer's weight rows start:stop in its compute dtype (a
+        workspace)."""
         rows.view(stop - start, -1).addmm_(self.up[start:stop].reshape(stop - start, -1),
                                            self.down.reshape(self.down.shape[0], -1))
 

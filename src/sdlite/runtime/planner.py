@@ -64,6 +64,8 @@ ACTIVATION_BYTES = {
     "taesd_tiled_const": 67 * MiB,     # a tile costs what a whole image of its size does (no norms,
     "taesd_per_tile_px": 960,          # no attention: nothing is shared across tiles)
 }
+# activations in bf16 / fp16 against fp32 at the same size (UNet and VAE; the text encoder stays fp32)
+ACTIVATION_DTYPE_RATIO = {"float32": 1.0, "bfloat16": 0.5, "float16": 0.5}
 SAFETY = 1.05                          # on anonymous memory: the samplers above miss short spikes
 # python + torch + sdlite imported and warmed up, as charged to a fresh cgroup: 164 MB anon at import,
 # 240 MB measured in the cgroup between stages (the shared libraries' pages are charged to whoever
@@ -81,12 +83,17 @@ class ComponentSize:
     small_fp32_bytes: int      # 1-d tensors (norms, biases, scales) as fp32: converted at load
     lazy: bool                 # stored in a dtype other than fp32
     lookup_bytes: int = 0      # embedding tables: only the rows looked up are ever read
+    stored_dtypes: frozenset = frozenset()  # the dtypes of the weight matrices (2-d and more), as "float16"...
+
+    def converts(self, dtype: str = "float32") -> bool:
+        """Whether computing in `dtype` ("float32", "bfloat16", "float16") converts stored weights per layer."""
+        return self.lazy if not self.stored_dtypes else self.stored_dtypes != {dtype}
 
     @classmethod
     def of(cls, folder: ModelFolder, name: str) -> "ComponentSize":
         with folder.part(name).open_weights() as w:
             stored = fp32 = largest = small = lookup = 0
-            lazy = False
+            lazy, dtypes = False, set()
             for k in w.keys():
                 n = math.prod(w.shape_of(k))
                 stored += w.nbytes_of(k)
@@ -95,11 +102,12 @@ class ComponentSize:
                 fp32 += 4 * n
                 if len(w.shape_of(k)) >= 2:
                     largest = max(largest, 4 * n)
+                    dtypes.add(str(w.dtype_of(k)).replace("torch.", ""))
                 else:
                     small += 4 * n
                 if str(w.dtype_of(k)) != "torch.float32":
                     lazy = True
-        return cls(stored, fp32, largest, small, lazy, lookup)
+        return cls(stored, fp32, largest, small, lazy, lookup, frozenset(dtypes))
 
 
 @dataclass
@@ -113,6 +121,11 @@ class ModelSizes:
     vae_channels: int = 128
     vae_kind: str = "kl"       # "kl": the SD VAE (AutoencoderKL); "taesd": the tiny autoencoder
     lora_bytes: dict = field(default_factory=dict)  # stage -> fp32 bytes of the LoRAs applied to it
+    compute: dict = field(default_factory=lambda: dict.fromkeys(("text_encoder", "unet", "vae"), "float32"))
+
+    def element_ratio(self, stage: str) -> float:
+        """Bytes per element of `stage`'s compute dtype over fp32's (1 fp32, 0.5 bf16 / fp16)."""
+        return {"float32": 1.0}.get(self.compute[stage], 0.5)
 
     @classmethod
     def of(cls, folder: ModelFolder) -> "ModelSizes":
@@ -135,7 +148,9 @@ class Plan:
     cfg: str = "batch"                # "batch": uncond+cond as a batch of 2; "split": two passes of 1
     vae_tile: int | None = None       # latent tile size for tiled VAE decoding; None: untiled
     vae_overlap: int = 8
-    weights_mode: str = "lazy"        # "lazy": dequantize fp16/int8 per layer; "materialize": fp32 at load
+    weights_mode: str = "lazy"        # "lazy": convert stored weights per layer; "materialize": at load
+    precision: str = "fp32"           # the compute precision (runtime.precision): fp32, bf16, fp16
+    convert_16: bool = False          # 16-bit stages convert their weights at load, not per layer
     attention: str = "sdpa"
     layer_chunk: int | None = None    # compute layers above this many fp32 bytes in channel slices
     kv_cache: bool = True
@@ -147,14 +162,19 @@ class Plan:
     height: int = 512
 
     def describe(self) -> str:
-        parts = [f"residency={self.residency}", f"cfg={self.cfg}",
+        parts = [f"precision={self.precision}", f"residency={self.residency}", f"cfg={self.cfg}",
                  f"vae={'tiled ' + str(self.vae_tile * 8) + 'px' if self.vae_tile else 'untiled'}",
-                 f"weights={self.weights_mode}", f"attention={self.attention}",
+                 f"weights={self.weights_mode}{'+convert16' if self.convert_16 else ''}",
+                 f"attention={self.attention}",
                  f"layer_chunk={format_bytes(self.layer_chunk) if self.layer_chunk else 'off'}",
                  f"kv_cache={'on' if self.kv_cache else 'off'}"]
         if self.streamed:
             parts.append("streamed=" + "+".join(self.streamed))
         return ", ".join(parts)
+
+    def weights_mode_of(self, stage_dtype: str) -> str:
+        """The weights mode of a stage computing in `stage_dtype` ("float32", "bfloat16", "float16")."""
+        return "materialize" if self.convert_16 and stage_dtype != "float32" else self.weights_mode
 
     def peak(self) -> int:
         return max(self.estimates.values()) if self.estimates else 0
@@ -195,28 +215,35 @@ def _largest(c: ComponentSize, plan: Plan) -> int:
 
 
 def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: int) -> tuple[int, int]:
-    """(anonymous bytes, file-backed bytes) a stage wants resident at its peak."""
-    c = sizes.component(stage)
-    lazy = c.lazy and plan.weights_mode == "lazy"
-    anon = BASE_BYTES + _activations(sizes, stage, plan, width, height) + sizes.lora_bytes.get(stage, 0)
-    if lazy:
-        anon += _largest(c, plan) + c.small_fp32_bytes
-    elif c.lazy:
-        anon += c.fp32_bytes  # materialized copies
-    file_bytes = 0 if (c.lazy and not lazy) else c.stored_bytes - c.lookup_bytes
+    """(anonymous bytes, file-backed bytes) a stage wants resident at its peak, in its compute dtype."""
+    ratio = sizes.element_ratio(stage)
+    act_ratio = ACTIVATION_DTYPE_RATIO.get(sizes.compute[stage], 1.0)
+    anon = BASE_BYTES + _activations(sizes, stage, plan, width, height) * act_ratio
+    anon += sizes.lora_bytes.get(stage, 0) * ratio
+    extra_anon, file_bytes = _weight_bytes(sizes, stage, plan, current=True)
+    anon += extra_anon
     if plan.residency == "all":
         for other in STAGES:
-            if other == stage:
-                continue
-            oc = sizes.component(other)
-            anon += sizes.lora_bytes.get(other, 0)
-            if oc.lazy and plan.weights_mode == "materialize":
-                anon += oc.fp32_bytes
-            else:
-                file_bytes += oc.stored_bytes
-                if oc.lazy:
-                    anon += oc.small_fp32_bytes
+            if other != stage:
+                more_anon, more_file = _weight_bytes(sizes, other, plan, current=False)
+                anon += more_anon + sizes.lora_bytes.get(other, 0) * sizes.element_ratio(other)
+                file_bytes += more_file
     return int(anon * SAFETY), int(file_bytes)
+
+
+def _weight_bytes(sizes: ModelSizes, stage: str, plan: Plan, current: bool) -> tuple[int, int]:
+    """(anonymous, file-backed) bytes of `stage`'s weights: mapped from the file as stored, plus the small
+    tensors converted at load and, while the stage runs (`current`), the workspace its largest layer is
+    converted into; or, materialized, the whole network converted at load."""
+    c = sizes.component(stage)
+    ratio = sizes.element_ratio(stage)
+    converts = c.converts(sizes.compute[stage])
+    if plan.weights_mode_of(sizes.compute[stage]) == "materialize" and converts:
+        return int(c.fp32_bytes * ratio), 0
+    anon = c.small_fp32_bytes * ratio if (converts or ratio != 1.0) else 0
+    if current and converts:
+        anon += _largest(c, plan) * ratio
+    return int(anon), c.stored_bytes - (c.lookup_bytes if current else 0)
 
 
 def estimate(sizes: ModelSizes, plan: Plan, width: int, height: int, budget: int | None = None
@@ -246,28 +273,49 @@ def candidates(sizes: ModelSizes, width: int, height: int):
     f = sizes.vae_factor
     lat = max(width, height) // f
     tiles = [None] + [t for t in (64, 48, 32, 24, 16) if t < lat]
-    for residency in ("all", "staged"):
-        for chunk in (None, LAYER_CHUNK):
-            for cfg in ("batch", "split"):
-                for tile in tiles:
-                    yield Plan(residency=residency, cfg=cfg, vae_tile=tile, layer_chunk=chunk)
+    converts = [True, False] if _converts_16(sizes) else [False]
+    for residency in ("all", "staged"):  # reloading every stage per request costs most
+        for convert in converts:          # then converting per layer at every call (~25 % a step)
+            for chunk in (None, LAYER_CHUNK):
+                for cfg in ("batch", "split"):
+                    for tile in tiles:
+                        yield Plan(residency=residency, cfg=cfg, vae_tile=tile, layer_chunk=chunk, convert_16=convert)
+
+
+def _converts_16(sizes: ModelSizes) -> bool:
+    """Whether a stage computes in 16 bits from weights stored otherwise: converting them once at load
+    is faster than per layer at every call (SD 1.5 UNet, fp16 file, bf16 compute, 2 threads: 2.9 s a step
+    against 3.7 s), at the cost of the converted copy in anonymous memory."""
+    return any(sizes.compute[stage] != "float32" and sizes.component(stage).converts(sizes.compute[stage])
+               for stage in STAGES)
 
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
-              sizes: ModelSizes | None = None, lora_bytes: dict | None = None) -> Plan:
+              sizes: ModelSizes | None = None, lora_bytes: dict | None = None, precision=None) -> Plan:
     """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
     else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
     that would fit when none does. With no budget: every network resident, fp16/int8 weights read from
     the mapped file. A budget never costs more memory than no budget: the candidates never convert
     fp16/int8 weights to fp32 at load (measured: lazy dequantization runs within the run-to-run spread of
-    fp32, README "Memory budget"); `Plan(weights_mode="materialize")` still does, when asked for."""
+    fp32, README "Memory budget"); `Plan(weights_mode="materialize")` still does, when asked for.
+    `precision` (runtime.precision: a Precision, a name or None for fp32) sets each stage's compute dtype:
+    its activations, workspace and converted tensors are counted in it."""
+    from .precision import STAGE_NAMES, resolve_precision
     if isinstance(folder, (str, Path)):
         folder = open_model(folder)
     sizes = sizes or ModelSizes.of(folder)
+    prec = resolve_precision(precision if precision is not None else "fp32")
+    sizes.compute = {stage: str(prec.dtype_of(stage)).replace("torch.", "") for stage in STAGE_NAMES}
+    plan = _make_plan(sizes, budget, width, height, lora_bytes)
+    plan.precision = prec.name
+    return plan
+
+
+def _make_plan(sizes: ModelSizes, budget: int | None, width: int, height: int, lora_bytes: dict | None) -> Plan:
     if lora_bytes is not None:  # stage -> fp32 bytes of the LoRAs applied (runtime.lora)
         sizes.lora_bytes = dict(lora_bytes)
     if budget is None:
-        plan = Plan(width=width, height=height)
+        plan = Plan(width=width, height=height, convert_16=_converts_16(sizes))
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
         return plan
     best, best_cost, smallest = None, None, None
@@ -307,8 +355,9 @@ class SizePlans:
     networks are already built that way); plans are cached per size. Without a budget every size uses
     the loaded plan."""
 
-    def __init__(self, folder: ModelFolder, loaded: Plan, lora_bytes: dict | None = None):
+    def __init__(self, folder: ModelFolder, loaded: Plan, lora_bytes: dict | None = None, precision=None):
         self.folder, self.loaded, self.lora_bytes = folder, loaded, lora_bytes
+        self.precision = precision if precision is not None else loaded.precision
         self._sizes: ModelSizes | None = None
         self._plans: dict[tuple[int, int], Plan] = {}
 
@@ -324,7 +373,8 @@ class SizePlans:
             return cached
         if self._sizes is None:
             self._sizes = ModelSizes.of(self.folder)
-        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes, lora_bytes=self.lora_bytes)
+        new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes, lora_bytes=self.lora_bytes,
+                        precision=self.precision)
         if plan.residency == "staged":
             new.residency = "staged"
         elif new.residency == "staged":

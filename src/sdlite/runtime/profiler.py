@@ -49,6 +49,7 @@ class Profiler:
         self.echo = echo  # a text stream: each stage is printed there as it ends
         self.t0 = time.perf_counter()
         self.records: list[StageRecord] = []
+        self.meta: dict = {}  # what ran, for the reports: e.g. "precision" -> {stage: compute dtype}
         self.samples: list[Sample] = []
         cgroup = Cgroup.of_self()
         # only a cgroup of the process's own: the root one of a container counts everything in it
@@ -148,12 +149,12 @@ class Profiler:
     def to_dict(self) -> dict:
         return {"stages": [asdict(r) for r in self.records],
                 "peak_rss": self.peak("rss"), "peak_anon": self.peak("anon"),
-                "peak_cgroup": self.peak("cgroup") or None}
+                "peak_cgroup": self.peak("cgroup") or None, **({"meta": dict(self.meta)} if self.meta else {})}
 
     def trace(self) -> dict:
         """Chrome trace event format (chrome://tracing, ui.perfetto.dev)."""
         pid = os.getpid()
-        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": "sdlite"}}]
+        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": "sdlite", **self.meta}}]
         for r in self.records:
             events.append({"name": r.name, "cat": r.category, "ph": "X", "pid": pid, "tid": 1,
                            "ts": round(r.start * 1e6), "dur": max(1, round(r.seconds * 1e6)),

@@ -29,15 +29,18 @@ from .components import LOADERS, LoadedComponent, load_vae
 from .lazy_weights import set_layer_chunking
 from .lora import DEFAULT_METHOD, ActiveLoRA, Attached, attach, detach
 from .planner import STAGES, Plan
+from .precision import Precision, resolve_precision
 from .profiler import Profiler
 
 
 class Residency:
     """The loaded networks of one model folder, held per the plan it was loaded with."""
 
-    def __init__(self, folder: ModelFolder, plan: Plan, dtype: torch.dtype = torch.float32,
+    def __init__(self, folder: ModelFolder, plan: Plan, precision: Precision | torch.dtype | str = torch.float32,
                  loras: list[ActiveLoRA] | None = None, lora_method: str = DEFAULT_METHOD):
-        self.folder, self.plan, self.dtype = folder, plan, dtype
+        self.folder, self.plan = folder, plan
+        self.precision = resolve_precision(precision)
+        self._dtypes = {stage: self.precision.dtype_of(stage) for stage in STAGES}
         self._loaded: dict[str, LoadedComponent] = {}
         self.loras, self.lora_method = list(loras or []), lora_method
         self._attached: dict[str, Attached] = {}
@@ -85,7 +88,10 @@ class Residency:
         if it is not in memory."""
         part = self._loaded.get(stage)
         if part is None:
-            part = LOADERS[stage](self.folder, self.dtype, weights_mode=self.plan.weights_mode)
+            part = LOADERS[stage](self.folder, self._dtypes[stage], weights_mode=self._mode(stage))
+            if part.weights_mode == "materialize" and part.dtype != torch.float32:
+                for f in getattr(part.weights, "files", []):  # converted: the file's pages are not read again
+                    memory.drop_file_cache(f.path)
             set_attention(part.module, self.plan.attention)
             set_layer_chunking(part.module, self.plan.layer_chunk)
             self._attach(stage, part)
@@ -100,11 +106,27 @@ class Residency:
             return part
         if part is not None:
             self._drop("vae")
-        part = load_vae(self.folder, self.dtype, with_encoder=True, weights_mode=self.plan.weights_mode)
+        part = load_vae(self.folder, self._dtypes["vae"], with_encoder=True, weights_mode=self._mode("vae"))
         set_attention(part.module, self.plan.attention)
         set_layer_chunking(part.module, self.plan.layer_chunk)
         self._loaded["vae"] = part
         return part
+
+    def _mode(self, stage: str) -> str:
+        return self.plan.weights_mode_of(str(self._dtypes[stage]).replace("torch.", ""))
+
+    def dtype_of(self, stage: str) -> torch.dtype:
+        """The dtype `stage`'s network computes in (the precision's, unless `fall_back_to_fp32` changed it)."""
+        return self._dtypes[stage]
+
+    def fall_back_to_fp32(self, stage: str) -> bool:
+        """From now on compute `stage` in fp32 (its reduced-precision output was not finite): the loaded
+        network is dropped, the next `acquire` builds it in fp32. False when it already is fp32."""
+        if self._dtypes[stage] == torch.float32:
+            return False
+        self._dtypes[stage] = torch.float32
+        self._drop(stage)
+        return True
 
     def release(self, stage: str, plan: Plan | None = None) -> None:
         """`stage` is over. Staged residency: drop its network, unmap its files and evict their pages.

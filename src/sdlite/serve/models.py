@@ -251,7 +251,7 @@ class ModelCatalog:
             budget = parse_bytes(budget)
         if budget is not None:
             native = native_size(folder)
-            make_plan(folder, budget, native, native)
+            make_plan(folder, budget, native, native, precision=kwargs.get("precision"))
 
     # --- switching ---------------------------------------------------------------------------------
 

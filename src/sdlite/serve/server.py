@@ -94,7 +94,7 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
     catalog = ModelCatalog(config.models_dir, config.model,
                            dict(threads=config.threads, vae=config.vae, config=config.model_config,
                                 prediction_type=config.prediction_type, lora_dir=config.lora_dir,
-                                embeddings=config.embeddings_dir, **budget))
+                                embeddings=config.embeddings_dir, precision=config.precision, **budget))
     pipe = catalog.load_first()
     try:
         defaults = Defaults.for_pipeline(pipe)
