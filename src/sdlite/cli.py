@@ -118,6 +118,24 @@ def add_model_arguments(parser, positional: bool = False) -> None:
                              "SD 2.x detection")
 
 
+def add_precision_argument(parser) -> None:
+    """--precision: what the networks compute in (runtime.precision)."""
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                        help="compute precision: auto = bf16 where this CPU computes it natively (AVX512-BF16, "
+                             "AMX, ARMv8.6 BF16), else fp32; bf16 / fp16 run the UNet (bf16: and the VAE) in "
+                             "16 bits, independent of how the weights are stored (default: $SDLITE_PRECISION, "
+                             "else auto)")
+
+
+def chosen_precision(args):
+    """--precision (or $SDLITE_PRECISION) resolved: a runtime.precision.Precision; CliError when unknown."""
+    from .runtime.precision import resolve_precision
+    try:
+        return resolve_precision(args.precision)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def model_kwargs(args) -> dict:
     """The keyword arguments `open_model` / `Pipeline.load` take from the model arguments."""
     return {"vae": args.vae, "config": args.config, "prediction_type": args.prediction_type}
@@ -182,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embeddings-dir", metavar="DIR", default=None,
                    help="textual-inversion embeddings (A1111's embeddings folder: .pt, .safetensors), used by "
                         "file name in the prompts")
+    g.add_argument("--deep-cache", type=non_negative_int, default=0, metavar="N",
+                   help="reuse the UNet's deep features for N-1 of every N steps (DeepCache); 0: off")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the physical cores, set up once)")
+    add_precision_argument(g)
     g.add_argument("--memory-budget", type=byte_size, default=None,
                    help="stay within this much memory (e.g. 1.5G, 768M): planned before loading "
                         "(default: no limit)")
@@ -200,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the plan for this budget (repeatable; default: a few common budgets)")
     i.add_argument("-W", "--width", type=positive_int, default=None, help="plan for this width (default: native)")
     i.add_argument("-H", "--height", type=positive_int, default=None, help="plan for this height (default: native)")
+    add_precision_argument(i)
 
     c = sub.add_parser("convert", help="write a diffusers folder from a model folder or a single-file "
                        "checkpoint, with fp32, fp16 or int8 weights", formatter_class=HelpFormatter)
@@ -320,6 +342,7 @@ def cmd_generate(args) -> int:
                             args.width or native, args.height or native, args.sampler,
                             args.clip_skip)
     req.prompt_syntax = args.prompt_syntax
+    req.deep_cache = args.deep_cache
     req.init_image, req.mask = read_image(args.init_image, "RGB"), read_image(args.mask, "L")
     req.denoising_strength = args.strength
     req.validate(request_caps(folder))
@@ -327,12 +350,14 @@ def cmd_generate(args) -> int:
         from .train.shapes import domain_notes
         for note in domain_notes(req.prompt, req.width, req.height):
             print(f"sdlite: note: {note}", file=sys.stderr)
+    precision = chosen_precision(args)
     prof = Profiler()
     try:
         pipe = Pipeline.load(folder, threads=args.threads, memory_budget=args.memory_budget,
                              width=req.width, height=req.height, profiler=prof, loras=args.lora,
-                             lora_dir=args.lora_dir, embeddings=args.embeddings_dir)
+                             lora_dir=args.lora_dir, embeddings=args.embeddings_dir, precision=precision)
         if args.verbose:
+            print(f"precision: {pipe.precision.describe()}", file=sys.stderr)
             print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
         progress = None if args.quiet else ProgressBar()
         outputs = []
@@ -421,12 +446,14 @@ def cmd_info(args) -> int:
     width = check_size("width", args.width or native, LIBRARY_CAPS.max_width)
     height = check_size("height", args.height or native, LIBRARY_CAPS.max_height)
     sizes = ModelSizes.of(folder)
+    precision = chosen_precision(args)
+    print(f"precision: {precision.describe()}")
     budgets = args.memory_budget or [None, 3 * GiB, 2 * GiB, int(1.5 * GiB), 1 * GiB, 768 * MiB, 512 * MiB]
     print(f"memory plans for {width}x{height} (estimated peak per stage: text / unet / vae):")
     for budget in budgets:
         label = "unlimited" if budget is None else format_bytes(budget)
         try:
-            plan = make_plan(folder, budget, width, height, sizes=sizes)
+            plan = make_plan(folder, budget, width, height, sizes=sizes, precision=precision)
         except PlanError as exc:
             print(f"  {label:>10}: does not fit: {exc}")
             continue
@@ -564,6 +591,7 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--port-file", help='write {"grpc": PORT, "http": PORT, "pid": PID} here when ready')
     s.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the physical cores, set up once)")
+    add_precision_argument(s)
     s.add_argument("--memory-budget", type=byte_size, default=None,
                    help="e.g. 1.5G: the memory planner picks the levers; sizes that cannot fit are refused")
     s.add_argument("--max-concurrency", type=positive_int, default=None,
@@ -657,6 +685,7 @@ def cmd_serve(args) -> int:
                          http_port=args.http_port,
                          port_file=Path(args.port_file) if args.port_file else None,
                          threads=args.threads, memory_budget=args.memory_budget,
+                         precision=chosen_precision(args).requested,
                          max_concurrency=args.max_concurrency,
                          queue_size=args.queue_size, default_deadline=args.default_deadline,
                          max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,

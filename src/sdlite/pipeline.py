@@ -16,6 +16,7 @@ trimmed and evicted after) is the runtime's decision (`runtime.residency`), made
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 import warnings
@@ -27,7 +28,15 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .errors import Cancelled, GenerationError, InvalidRequest, ModelFolderError, OutdatedConfigWarning, WeightsError
+from .errors import (
+    Cancelled,
+    GenerationError,
+    InvalidRequest,
+    ModelFolderError,
+    OutdatedConfigWarning,
+    PrecisionFallbackWarning,
+    WeightsError,
+)
 from .request import Caps, GenerationRequest, GenerationResult, StageTiming, format_parameters
 from .runtime.components import (
     LoadedComponent,
@@ -40,9 +49,11 @@ from .runtime.components import (
     vae_factor,
 )
 from .runtime.compute_thread import run_on_compute_thread
+from .runtime.deep_cache import deep_cache_unet
 from .runtime.kv_cache import cross_attention_cache
 from .runtime.lora import DEFAULT_METHOD, ActiveLoRA, LoRASet, lora_bytes, loras_from_prompt
-from .runtime.planner import Plan, SizePlans, make_plan
+from .runtime.planner import STAGES, Plan, SizePlans, make_plan
+from .runtime.precision import Precision, resolve_precision
 from .runtime.prediction import settle_prediction_type
 from .runtime.profiler import Profiler
 from .runtime.progress import CancelFn, LatentsFn, ProgressFn, StepReporter, cancel_check
@@ -68,20 +79,23 @@ class Pipeline:
     """A loaded model folder plus the memory plan that decides how it runs. Build it with `load`."""
 
     def __init__(self, folder: ModelFolder, tokenizer: ClipTokenizer, scheduler_config: dict,
-                 plan: Plan, dtype: torch.dtype = torch.float32, lora_set: LoRASet | None = None,
+                 plan: Plan, precision: Precision | torch.dtype | str = torch.float32, lora_set: LoRASet | None = None,
                  loras: list[ActiveLoRA] | None = None, lora_method: str = DEFAULT_METHOD):
         self.folder = folder
         self.lora_set = lora_set or LoRASet(folder)
         self.loras = list(loras or [])  # applied to every generation; a request's own come on top
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.precision = resolve_precision(precision)
+        self.dtype = self.precision.unet  # what the UNet computes in (and the text embeddings it reads)
+        if plan.precision != self.precision.name:  # a plan given ready-made (tests, benches): say what runs
+            plan = dataclasses.replace(plan, precision=self.precision.name)
         self.plan = plan
-        self.dtype = dtype
         self.unet_config = unet_config(folder)
         self.vae_config = vae_config(folder)
         self.text_config = text_config(folder)
-        self.residency = Residency(folder, plan, dtype, self.loras, lora_method)
-        self.plans = SizePlans(folder, plan, lora_bytes(self.loras))
+        self.residency = Residency(folder, plan, self.precision, self.loras, lora_method)
+        self.plans = SizePlans(folder, plan, lora_bytes(self.loras), self.precision)
         self.caps = _caps(self.text_config)
         self.recommended = recommended_settings(folder)  # steps, cfg_scale, sampler where none are given
         self._lock = threading.Lock()
@@ -91,11 +105,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, memory_budget: int | str | None = None, plan: Plan | None = None,
-             width: int | None = None, height: int | None = None, dtype: torch.dtype = torch.float32,
+             width: int | None = None, height: int | None = None, precision: str | Precision | None = None,
              threads: int | None = None, profiler: Profiler | None = None,
              vae: str | Path | None = None, config: str | Path | None = None,
              prediction_type: str | None = None, loras=(), lora_dir: str | Path | None = None,
-             lora_method: str = DEFAULT_METHOD, embeddings: str | Path | None = None) -> "Pipeline":
+             lora_method: str = DEFAULT_METHOD, embeddings: str | Path | None = None,
+             dtype: torch.dtype | None = None) -> "Pipeline":
         """Open a model and prepare it to generate: a diffusers folder, or a single-file SD 1.x / 2.x
         checkpoint (`.safetensors`, or `.ckpt` read without running its pickle's code). With no `path`, the
         model sdlite ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see
@@ -105,7 +120,9 @@ class Pipeline:
                         for `width` x `height` pixels (default: the model's native size) before anything
                         is loaded.
         plan            a ready plan instead of planning (tests, benches)
-        dtype           the compute dtype of the networks (torch.float32)
+        precision       "auto" (bf16 where the CPU computes it natively, else fp32), "fp32", "bf16" or
+                        "fp16"; None: $SDLITE_PRECISION, else "auto". Which stage computes in what:
+                        runtime.precision (the text encoder stays fp32; the VAE is fp32 under fp16)
         threads         torch intra-op threads (default: the physical cores this process may use; set
                         either way, with MKL's dynamic threading off: see runtime.threads)
         profiler        records the "load" stage when every network is loaded up front
@@ -122,17 +139,20 @@ class Pipeline:
         embeddings      a folder of textual-inversion embeddings (A1111's embeddings/: .pt, .safetensors),
                         used by name (the file's stem) in prompts; files of another width are skipped
                         with a warning (see weights.embeddings)
+        dtype           older spelling of `precision` (torch.float32 / bfloat16 / float16); wins over it
 
         Raises ModelFolderError / WeightsError for a bad folder, file or weights (before any network is
         built when the configs are bad), PlanError when nothing fits the budget (the message names the
-        smallest budget that would), ValueError for a malformed `memory_budget` string. Loading, like
+        smallest budget that would), ValueError for a malformed `memory_budget` string or an unknown
+        `precision`. Loading, like
         every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
-        return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, dtype, threads,
+        precision = resolve_precision(dtype if dtype is not None else precision)
+        return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, precision, threads,
                                      profiler, vae, config, prediction_type, loras, lora_dir, lora_method,
                                      embeddings)
 
     @classmethod
-    def _load(cls, path, memory_budget, plan, width, height, dtype, threads, profiler, vae, config,
+    def _load(cls, path, memory_budget, plan, width, height, precision, threads, profiler, vae, config,
               prediction_type, loras=(), lora_dir=None, lora_method=DEFAULT_METHOD,
               embeddings=None) -> "Pipeline":
         configure_threads(threads)
@@ -142,7 +162,7 @@ class Pipeline:
                 raise ModelFolderError("no model given, and the model sdlite ships is not installed")
         folder = open_model(path, vae=vae, config=config, prediction_type=prediction_type)
         check_vae_matches(folder)
-        settle_prediction_type(folder, dtype)
+        settle_prediction_type(folder, torch.float32)
         tokenizer = _tokenizer(folder)
         scheduler_config = scheduler_config_of(folder)
         if isinstance(memory_budget, str):
@@ -151,8 +171,9 @@ class Pipeline:
         active = lora_set.open_all(loras)
         if plan is None:
             native = native_size(folder)
-            plan = make_plan(folder, memory_budget, width or native, height or native, lora_bytes=lora_bytes(active))
-        pipe = cls(folder, tokenizer, scheduler_config, plan, dtype, lora_set, active, lora_method)
+            plan = make_plan(folder, memory_budget, width or native, height or native, lora_bytes=lora_bytes(active),
+                             precision=precision)
+        pipe = cls(folder, tokenizer, scheduler_config, plan, precision, lora_set, active, lora_method)
         if embeddings is not None:
             pipe.embeddings = load_embeddings(embeddings, pipe.text_config.hidden_size)
         pipe.residency.prepare(profiler)
@@ -250,15 +271,21 @@ class Pipeline:
         return noise
 
     def guided_model(self, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
-                     plan: Plan) -> GuidedModel:
+                     plan: Plan, deep_cache: int = 0) -> GuidedModel:
         """The UNet with classifier-free guidance, eps = uncond + cfg_scale * (cond - uncond) (Ho &
         Salimans 2022, arXiv:2207.12598): as one batch of 2, or as two passes of 1 when the plan splits
         it; without `uncond`, the conditional output alone.
 
         A guidance-distilled UNet (LCM: its config has `time_cond_proj_dim`) was trained to give the guided
         output in one pass: it runs once per step on `cond` alone (`uncond` is ignored), with the embedding
-        of w = cfg_scale - 1 as `timestep_cond`, as diffusers' LatentConsistencyModelPipeline runs it."""
-        unet = self.unet.module
+        of w = cfg_scale - 1 as `timestep_cond`, as diffusers' LatentConsistencyModelPipeline runs it.
+
+        `deep_cache` N >= 2: the UNet runs whole for 1 of every N of its evaluations and only its shallow
+        path for the others, reusing the deep feature (DeepCache, see runtime.deep_cache). Evaluations, not
+        steps, are counted: a 2nd-order sampler (Heun, DPM2) evaluates twice per step. The two passes of split
+        guidance each count and cache on their own; a batch of 2 is one evaluation. 0 or 1: off."""
+        module = self.unet.module
+        unet = deep_cache_unet(module, deep_cache)
         dtype = self.dtype
         cond_dim = self.unet_config.time_cond_proj_dim
         if cond_dim:
@@ -268,10 +295,12 @@ class Pipeline:
         if uncond is None:
             return lambda x, t: unet(x.to(dtype), t, cond).float()
         if plan.cfg == "split":
+            unet_cond = deep_cache_unet(module, deep_cache)  # a pass of its own: its own DeepCache feature
+
             def split(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 x = x.to(dtype)
                 out_uncond = unet(x, t, uncond).float()
-                out_cond = unet(x, t, cond).float()
+                out_cond = unet_cond(x, t, cond).float()
                 return out_uncond + cfg_scale * (out_cond - out_uncond)
             return split
         context = torch.cat([uncond, cond])
@@ -290,7 +319,7 @@ class Pipeline:
         `start` (img2img, inpainting: see `prepare_image`): the sampler starts at the strength's step from
         the init latents noised there, and a mask is kept to its area at every step."""
         plan = plan or self.plan
-        model = self.guided_model(cond, uncond, request.cfg_scale, plan)
+        model = self.guided_model(cond, uncond, request.cfg_scale, plan, request.deep_cache)
         options = sampler_options(request)
         cache = cross_attention_cache(self.unet.module) if plan.kv_cache else contextlib.nullcontext()
         with torch.inference_mode(), cache:
@@ -310,7 +339,7 @@ class Pipeline:
         vae = self.residency.acquire_encoder().module
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
         x = x.permute(2, 0, 1)[None] * 2.0 - 1.0
-        x = (x if keep is None else x * keep).to(self.dtype)
+        x = (x if keep is None else x * keep).to(self.residency.dtype_of("vae"))
         with torch.inference_mode():
             def moments(t: torch.Tensor) -> torch.Tensor:
                 out = vae.encode(t)
@@ -366,24 +395,34 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor, plan: Plan | None = None) -> Image.Image:
         """Latents (1, C, h, w) float32, as the sampler leaves them -> an RGB image of h*f x w*f pixels;
-        tiled with blended overlaps when the plan says so."""
+        tiled with blended overlaps when the plan says so. A VAE computing in bf16 whose pixels come out
+        NaN or infinite decodes again in fp32 (and stays fp32), with a PrecisionFallbackWarning."""
         plan = plan or self.plan
+        image = self._decode_pixels(latents, plan)
+        if not bool(torch.isfinite(image).all()):
+            dtype = self.residency.dtype_of("vae")
+            if self.residency.fall_back_to_fp32("vae"):
+                warnings.warn(f"decode: the VAE gave NaN or infinite pixels in {dtype}; decoded again in "
+                              "float32, which it keeps from now on", PrecisionFallbackWarning, stacklevel=2)
+                image = self._decode_pixels(latents, plan)
+        _check_finite(image, "decode", "pixels")
+        image = (image / 2 + 0.5).clamp(0, 1)
+        array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+
+    def _decode_pixels(self, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
         vae = self.vae.module
         with torch.inference_mode():
             z = latents / vae.config.scaling_factor
             if vae.config.shift_factor:
                 z = z + vae.config.shift_factor
-            z = z.to(self.dtype)
+            z = z.to(self.residency.dtype_of("vae"))
             if plan.vae_tile:
                 image = decode_tiled(vae.decode, z, self.vae_scale_factor, plan.vae_tile,
                                      min(plan.vae_overlap, plan.vae_tile // 2))
             else:
                 image = vae.decode(z)
-            image = image.float()
-        _check_finite(image, "decode", "pixels")
-        image = (image / 2 + 0.5).clamp(0, 1)
-        array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        return Image.fromarray(array)
+            return image.float()
 
     # --- the whole job --------------------------------------------------------------------------
 
@@ -464,6 +503,7 @@ class Pipeline:
             raise Cancelled("cancelled before start")
         first = len(prof.records)
         stages = self.residency
+        prof.meta["precision"] = {stage: str(stages.dtype_of(stage)).replace("torch.", "") for stage in STAGES}
         try:
             # 1. the prompts -> text embeddings
             with prof.stage("encode"):

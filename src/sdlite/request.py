@@ -33,6 +33,7 @@ MAX_STEPS = 1000        # the library's cap on sampler steps (a schedule may all
 SIZE_MULTIPLE = 8       # width and height are multiples of the VAE's 8x downscale
 SEED_LIMIT = 2**64      # seeds are in [0, 2^64), as torch.Generator.manual_seed takes them
 RANDOM_SEED = -1        # as in A1111: a seed of -1 (or None) means "draw one"
+MAX_DEEP_CACHE = 100    # DeepCache's N: a full UNet evaluation at least once every 100
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ class GenerationRequest:
                       name is looked up in the pipeline's LoRA folder (NAME.safetensors); scale 0: left out
     prompt_syntax     "a1111" (default: (word:1.3), [word], BREAK, prompts past 75 tokens in chunks; see
                       `sdlite.runtime.prompt_encoding`) or "plain" (diffusers: one 77-token chunk, brackets literal)
+    deep_cache        DeepCache N (int in [0, MAX_DEEP_CACHE]): of every N UNet evaluations, N - 1 run only the
+                      shallow path on the cached deep feature (faster, approximate; see
+                      `sdlite.runtime.deep_cache`); 0 or 1: off
     """
     prompt: str
     negative_prompt: str = ""
@@ -138,6 +142,7 @@ class GenerationRequest:
     eta: float | None = None
     loras: tuple = ()
     prompt_syntax: str = "a1111"
+    deep_cache: int = 0
 
     def __setattr__(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
@@ -181,6 +186,7 @@ class GenerationRequest:
             raise InvalidRequest("prompt_syntax", f"must be one of {', '.join(PROMPT_SYNTAXES)}, "
                                                   f"got {self.prompt_syntax!r}")
         self.loras = check_loras(self.loras)
+        self.deep_cache = check_int("deep_cache", self.deep_cache, 0, MAX_DEEP_CACHE)
         self._check_image_fields()
         self._check_variation_fields()
 
@@ -307,6 +313,8 @@ def format_parameters(request: GenerationRequest, model_name: str, vae_name: str
         items += [("Variation seed", request.subseed), ("Variation seed strength", f"{request.subseed_strength:g}")]
     if request.eta is not None:
         items.append(("Eta", f"{request.eta:g}"))
+    if request.deep_cache >= 2:
+        items.append(("DeepCache", request.deep_cache))
     if loras:
         hashes = ", ".join(f"{printable_name(name)}: {h}" for name, _, h in loras)
         items.append(("Lora hashes", f'"{hashes}"'))

@@ -193,13 +193,18 @@ class DownBlock(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
                              if add_downsample else None)
 
+    def layer(self, i: int, x, temb, context):
+        """Resnet i, then its spatial transformer if the block has them: (B, in, H, W) -> (B, out_ch, H, W)."""
+        x = self.resnets[i](x, temb)
+        if self.attentions is not None:
+            x = self.attentions[i](x, context)
+        return x
+
     def forward(self, x, temb, context):
         """(B, in_ch, H, W) -> ((B, out_ch, H', W'), the outputs the up path takes as skips)."""
         states = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb, context)
             states.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -224,12 +229,19 @@ class UpBlock(nn.Module):
                                       transformer_layers, only_cross)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
-    def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None):
-        """Consumes `skips` from the end (one per resnet); upsamples to `upsample_size` if given."""
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
+    def layer(self, i: int, x, skip: torch.Tensor, temb, context):
+        """Resnet i on [x, skip] (concatenated on channels), then its spatial transformer if any."""
+        x = self.resnets[i](torch.cat([x, skip], dim=1), temb)
+        if self.attentions is not None:
+            x = self.attentions[i](x, context)
+        return x
+
+    def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None, start: int = 0):
+        """Consumes `skips` from the end (one per resnet run); upsamples to `upsample_size` if given.
+        `start` > 0 enters the block at resnet `start` (x is then that resnet's input, as `layer`s 0 ..
+        start-1 would have left it; `skips` holds one per resnet from `start` on)."""
+        for i in range(start, len(self.resnets)):
+            x = self.layer(i, x, skips.pop(), temb, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -333,27 +345,76 @@ class UNet2DConditionModel(nn.Module):
                 `encoder_hidden_states` whose last dim is not `cross_attention_dim` or whose
                 batch is neither B nor 1. Nothing else is checked.
         """
+        return self._run(sample, timestep, encoder_hidden_states, timestep_cond, keep_feature=False)[0]
+
+    def forward_with_feature(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                             encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, bit-identical, also returning the deep feature at the first skip branch: the input
+        of the last up block's second-to-last resnet, (B, C, h, w) at the latents' size (C = block_out_channels[0],
+        or the next stage's width for one resnet per block, as BK-SDM). It is everything the network computes
+        below the first down block's first layer, as `forward_shallow` takes it."""
+        return self._run(sample, timestep, encoder_hidden_states, timestep_cond, keep_feature=True)
+
+    def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                        encoder_hidden_states: torch.Tensor, feature: torch.Tensor,
+                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The network with its deep part replaced by `feature` (from `forward_with_feature`, possibly of
+        another call): conv_in, the first down block's first layer (resnet and transformer), the last up
+        block's last two layers on [feature, skips], conv_out. Same arguments and result as `forward`.
+
+        This is the shallowest skip branch of DeepCache (Ma et al. 2023, arXiv:2312.00858; branch 0 of its
+        reference code, github.com/horseee/DeepCache); the caching policy lives in `runtime.deep_cache`.
+        Raises ValueError when `feature`'s batch or spatial size is not `sample`'s."""
+        temb = self._time_embedding(sample, timestep, timestep_cond)
+        if feature.ndim != 4 or feature.shape[0] != sample.shape[0] or feature.shape[2:] != sample.shape[2:]:
+            raise ValueError(f"UNet shallow path: the cached feature {tuple(feature.shape)} does not match "
+                             f"the sample {tuple(sample.shape)} (batch and size)")
+        x = self._conv_in(sample)
+        first = self.down_blocks[0].layer(0, x, temb, encoder_hidden_states)
+        last = self.up_blocks[-1]
+        x = last(feature, [x, first], temb, encoder_hidden_states, None, start=len(last.resnets) - 2)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                        timestep_cond: torch.Tensor | None) -> torch.Tensor:
+        """(B, 4 * block_out_channels[0]) embedding of the timestep (and LCM's `timestep_cond`); checks
+        `sample`'s channels."""
         cfg = self.config
         check_channels(sample, cfg.in_channels, "UNet sample")
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], dtype=torch.float32)
         t = timestep.reshape(-1).expand(sample.shape[0])
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(emb.to(sample.dtype), timestep_cond)
+        return self.time_embedding(emb.to(sample.dtype), timestep_cond)
 
-        if cfg.center_input_sample:
+    def _conv_in(self, sample: torch.Tensor) -> torch.Tensor:
+        if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        x = self.conv_in(sample)
+        return self.conv_in(sample)
+
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond, keep_feature: bool):
+        """(prediction, the feature at the first skip branch if `keep_feature`, else None)."""
+        temb = self._time_embedding(sample, timestep, timestep_cond)
+        context = encoder_hidden_states
+        x = self._conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states)
+            x, states = block(x, temb, context)
             skips.extend(states)
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, encoder_hidden_states)
+            x = self.mid_block(x, temb, context)
+        feature = None
         for block in self.up_blocks:
             n_res = len(block.resnets)
             block_skips = skips[-n_res:]
             del skips[-n_res:]
             size = skips[-1].shape[2:] if skips and block.upsamplers is not None else None
-            x = block(x, block_skips, temb, encoder_hidden_states, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+            start = 0
+            if keep_feature and block is self.up_blocks[-1]:  # stop before its last two layers, keep x
+                start = n_res - 2
+                for i in range(start):
+                    x = block.layer(i, x, block_skips.pop(), temb, context)
+                feature = x
+            x = block(x, block_skips, temb, context, size, start)
+        return self.conv_out(F.silu(self.conv_norm_out(x))), feature

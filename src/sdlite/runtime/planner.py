@@ -64,8 +64,12 @@ ACTIVATION_BYTES = {
     "taesd_tiled_const": 67 * MiB,     # a tile costs what a whole image of its size does (no norms,
     "taesd_per_tile_px": 960,          # no attention: nothing is shared across tiles)
 }
-# activations in bf16 / fp16 against fp32 at the same size (UNet and VAE; the text encoder stays fp32)
-ACTIVATION_DTYPE_RATIO = {"float32": 1.0, "bfloat16": 0.5, "float16": 0.5}
+# Activations in a 16-bit compute dtype against fp32 at the same size (the text encoder stays fp32). Measured
+# with `bench/calibrate_memory.py --precision bf16` (weights converted at load), SD 1.5 size, 2 threads:
+# UNet +296 MB against +582 MB at batch 2 x 64x64 (0.51), 0.60 at batch 1, 0.54 at 2 x 32x32; VAE decoder
+# +872 against +1062 MB at 512x512 (0.82; its group norms compute in fp32), 0.73 at 256x256.
+ACTIVATION_DTYPE_RATIO = {("unet", "bfloat16"): 0.6, ("unet", "float16"): 0.6,
+                          ("vae", "bfloat16"): 0.85, ("vae", "float16"): 0.85}
 SAFETY = 1.05                          # on anonymous memory: the samplers above miss short spikes
 # python + torch + sdlite imported and warmed up, as charged to a fresh cgroup: 164 MB anon at import,
 # 240 MB measured in the cgroup between stages (the shared libraries' pages are charged to whoever
@@ -217,7 +221,7 @@ def _largest(c: ComponentSize, plan: Plan) -> int:
 def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: int) -> tuple[int, int]:
     """(anonymous bytes, file-backed bytes) a stage wants resident at its peak, in its compute dtype."""
     ratio = sizes.element_ratio(stage)
-    act_ratio = ACTIVATION_DTYPE_RATIO.get(sizes.compute[stage], 1.0)
+    act_ratio = ACTIVATION_DTYPE_RATIO.get((stage, sizes.compute[stage]), 1.0)
     anon = BASE_BYTES + _activations(sizes, stage, plan, width, height) * act_ratio
     anon += sizes.lora_bytes.get(stage, 0) * ratio
     extra_anon, file_bytes = _weight_bytes(sizes, stage, plan, current=True)

@@ -6,7 +6,8 @@ calls `build_request`, which checks it with the request contract (`sdlite.reques
 its own wire name (A1111 `sampler_name`, OpenAI `size`, ...) before answering.
 
     prompt, negative_prompt, steps, cfg_scale, seed, width, height, sampler, clip_skip, n,
-    init_image, mask (PIL images: `decode_image_field`), denoising_strength, subseed, subseed_strength, eta
+    init_image, mask (PIL images: `decode_image_field`), denoising_strength, subseed, subseed_strength, eta,
+    deep_cache
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ..request import Caps, GenerationRequest, check_int
 from .config import Limits
 
 FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
-          "clip_skip", "n", "init_image", "mask", "denoising_strength", "subseed", "subseed_strength", "eta")
+          "clip_skip", "n", "init_image", "mask", "denoising_strength", "subseed", "subseed_strength", "eta",
+          "deep_cache")
 IMAGE_PIXEL_CAP = 4096 * 4096  # init images and masks: larger ones are refused before their pixels are decoded
 
 
@@ -85,6 +87,7 @@ def build_request(fields: dict, limits: Limits, defaults: Defaults) -> tuple[Gen
         init_image=fields.get("init_image"), mask=fields.get("mask"),
         denoising_strength=get("denoising_strength", 0.75), subseed=_whole(fields.get("subseed")),
         subseed_strength=get("subseed_strength", 0.0), eta=fields.get("eta"),
+        deep_cache=_whole(get("deep_cache", 0)),
     ).validate(caps_for(limits, defaults))
     n = check_int("n", _whole(get("n", 1)), 1, limits.max_images)
     return request, n

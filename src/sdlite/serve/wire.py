@@ -47,7 +47,8 @@ def _int_field(body: dict, name: str, default: int) -> int:
 
 def a1111_fields(body: dict) -> dict:
     """A1111 txt2img body -> sdlite fields. Unknown A1111 fields (hires fix, face restore, scripts...)
-    are accepted and ignored, as by A1111 itself for features a build lacks."""
+    are accepted and ignored, as by A1111 itself for features a build lacks. sdlite's own `deep_cache`
+    (an integer N, DeepCache: see GenerationRequest) may be sent as an extra field."""
     fields = {k: body.get(k) for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "width",
                                        "height")}
     seed = body.get("seed", -1)
@@ -76,7 +77,7 @@ def a1111_fields(body: dict) -> dict:
                                  f"must be an integer >= 1, got {stop_at!r}")
         fields["clip_skip"] = stop_at - 1
     fields["n"] = _int_field(body, "batch_size", 1) * _int_field(body, "n_iter", 1)
-    for key in ("subseed_strength", "eta"):  # variation seeds and eta, as A1111 applies them
+    for key in ("subseed_strength", "eta", "deep_cache"):  # variation seeds, eta (as A1111 applies them), DeepCache N
         if body.get(key) is not None:
             fields[key] = body[key]
     subseed = body.get("subseed", -1)
