@@ -70,7 +70,7 @@ def test_names_dtypes_and_the_environment(monkeypatch):
     monkeypatch.setenv("SDLITE_PRECISION", "bf16")
     assert resolve_precision(None).name == "bf16"
     monkeypatch.setenv("SDLITE_PRECISION", "int4")
-    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, bf16, fp16, got 'int4' \(from \$SDLITE"):
+    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, bf16, fp16, int8, got 'int4' \(from \$SDLITE"):
         resolve_precision(None)
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         resolve_precision(torch.float64)
@@ -221,3 +221,28 @@ def test_cli_auto_says_what_it_chose(tiny_model):
     want = resolve_precision("auto")
     assert isinstance(want, Precision)
     assert f"precision: {want.name} (auto: " in r.stdout and want.reason in r.stdout
+
+
+def test_converted_networks_let_go_of_their_files(tiny_model):
+    pipe = Pipeline.load(tiny_model, precision="bf16")
+    assert all(f.closed for f in pipe.unet.weights.files)  # converted at load: unmapped
+    assert not any(f.closed for f in pipe.text_encoder.weights.files)  # fp32 from fp32: read in place
+
+
+def test_int8_precision_converts_the_unet_transformer_linears(tiny_model):
+    from sdlite.runtime.int8_compute import int8_layers, packed_bytes
+    ref = Pipeline.load(tiny_model, precision="fp32")
+    pipe = Pipeline.load(tiny_model, precision="int8")
+    assert pipe.precision.int8_linear and pipe.dtype == torch.float32 and pipe.plan.precision == "int8"
+    assert "Linear layers int8" in pipe.precision.describe()
+    n = int8_layers(pipe.unet.module)
+    assert n > 0 and int8_layers(pipe.text_encoder.module) == 0 and packed_bytes(pipe.unet.module) > 0
+    a, b = _unet_out(ref), _unet_out(pipe)
+    assert 0 < float((a - b).norm() / a.norm()) < 0.1
+    # the planner counts the packed copies: more than fp32's plan by about the transformer Linear weights
+    folder = open_model(tiny_model)
+    sizes = ModelSizes.of(folder)
+    fp32 = make_plan(folder, None, 64, 64, precision="fp32")
+    int8 = make_plan(folder, None, 64, 64, precision="int8")
+    extra = int8.estimates["unet"] - fp32.estimates["unet"]
+    assert sizes.unet.transformer_linear_params <= extra <= 3 * sizes.unet.transformer_linear_params

@@ -88,6 +88,7 @@ class ComponentSize:
     lazy: bool                 # stored in a dtype other than fp32
     lookup_bytes: int = 0      # embedding tables: only the rows looked up are ever read
     stored_dtypes: frozenset = frozenset()  # the dtypes of the weight matrices (2-d and more), as "float16"...
+    transformer_linear_params: int = 0  # weights of the Linear layers in attention blocks (int8 compute's)
 
     def converts(self, dtype: str = "float32") -> bool:
         """Whether computing in `dtype` ("float32", "bfloat16", "float16") converts stored weights per layer."""
@@ -97,7 +98,7 @@ class ComponentSize:
     def of(cls, folder: ModelFolder, name: str) -> "ComponentSize":
         with folder.part(name).open_weights() as w:
             stored = fp32 = largest = small = lookup = 0
-            lazy, dtypes = False, set()
+            lazy, dtypes, tlin = False, set(), 0
             for k in w.keys():
                 n = math.prod(w.shape_of(k))
                 stored += w.nbytes_of(k)
@@ -107,11 +108,13 @@ class ComponentSize:
                 if len(w.shape_of(k)) >= 2:
                     largest = max(largest, 4 * n)
                     dtypes.add(str(w.dtype_of(k)).replace("torch.", ""))
+                    if len(w.shape_of(k)) == 2 and "attentions." in k:
+                        tlin += n
                 else:
                     small += 4 * n
                 if str(w.dtype_of(k)) != "torch.float32":
                     lazy = True
-        return cls(stored, fp32, largest, small, lazy, lookup, frozenset(dtypes))
+        return cls(stored, fp32, largest, small, lazy, lookup, frozenset(dtypes), tlin)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class ModelSizes:
     vae_kind: str = "kl"       # "kl": the SD VAE (AutoencoderKL); "taesd": the tiny autoencoder
     lora_bytes: dict = field(default_factory=dict)  # stage -> fp32 bytes of the LoRAs applied to it
     compute: dict = field(default_factory=lambda: dict.fromkeys(("text_encoder", "unet", "vae"), "float32"))
+    int8_bytes_per_weight: int = 0  # int8 compute of the UNet's transformer Linear layers: heap bytes a weight
 
     def element_ratio(self, stage: str) -> float:
         """Bytes per element of `stage`'s compute dtype over fp32's (1 fp32, 0.5 bf16 / fp16)."""
@@ -223,16 +227,21 @@ def stage_needs(sizes: ModelSizes, plan: Plan, stage: str, width: int, height: i
     ratio = sizes.element_ratio(stage)
     act_ratio = ACTIVATION_DTYPE_RATIO.get((stage, sizes.compute[stage]), 1.0)
     anon = BASE_BYTES + _activations(sizes, stage, plan, width, height) * act_ratio
-    anon += sizes.lora_bytes.get(stage, 0) * ratio
+    anon += sizes.lora_bytes.get(stage, 0) * ratio + _int8_bytes(sizes, stage)
     extra_anon, file_bytes = _weight_bytes(sizes, stage, plan, current=True)
     anon += extra_anon
     if plan.residency == "all":
         for other in STAGES:
             if other != stage:
                 more_anon, more_file = _weight_bytes(sizes, other, plan, current=False)
-                anon += more_anon + sizes.lora_bytes.get(other, 0) * sizes.element_ratio(other)
+                anon += more_anon + sizes.lora_bytes.get(other, 0) * sizes.element_ratio(other) + _int8_bytes(sizes, other)
                 file_bytes += more_file
     return int(anon * SAFETY), int(file_bytes)
+
+
+def _int8_bytes(sizes: ModelSizes, stage: str) -> int:
+    """The packed int8 copies of the UNet's transformer Linear weights (int8 compute), on the heap."""
+    return sizes.unet.transformer_linear_params * sizes.int8_bytes_per_weight if stage == "unet" else 0
 
 
 def _weight_bytes(sizes: ModelSizes, stage: str, plan: Plan, current: bool) -> tuple[int, int]:
@@ -310,6 +319,9 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     sizes = sizes or ModelSizes.of(folder)
     prec = resolve_precision(precision if precision is not None else "fp32")
     sizes.compute = {stage: str(prec.dtype_of(stage)).replace("torch.", "") for stage in STAGE_NAMES}
+    if prec.int8_linear:
+        from .int8_compute import bytes_per_weight
+        sizes.int8_bytes_per_weight = bytes_per_weight()
     plan = _make_plan(sizes, budget, width, height, lora_bytes)
     plan.precision = prec.name
     return plan

@@ -26,6 +26,7 @@ from ..weights.model_folder import ModelFolder
 from . import memory
 from .attention import set_attention
 from .components import LOADERS, LoadedComponent, load_vae
+from .int8_compute import apply_int8_compute
 from .lazy_weights import set_layer_chunking
 from .lora import DEFAULT_METHOD, ActiveLoRA, Attached, attach, detach
 from .planner import STAGES, Plan
@@ -90,8 +91,10 @@ class Residency:
         if part is None:
             part = LOADERS[stage](self.folder, self._dtypes[stage], weights_mode=self._mode(stage))
             if part.weights_mode == "materialize" and part.dtype != torch.float32:
-                for f in getattr(part.weights, "files", []):  # converted: the file's pages are not read again
-                    memory.drop_file_cache(f.path)
+                self._unmap(part)  # converted at load: nothing reads the file again
+            if stage == "unet" and self.precision.int8_linear:
+                apply_int8_compute(part.module, "unet")
+                memory.trim()
             set_attention(part.module, self.plan.attention)
             set_layer_chunking(part.module, self.plan.layer_chunk)
             self._attach(stage, part)
@@ -111,6 +114,15 @@ class Residency:
         set_layer_chunking(part.module, self.plan.layer_chunk)
         self._loaded["vae"] = part
         return part
+
+    @staticmethod
+    def _unmap(part: LoadedComponent) -> None:
+        """Close the mapping of a network whose weights were all converted (no view of the file is left, so
+        it is unmapped at once) and drop its pages from the page cache."""
+        files = [f.path for f in getattr(part.weights, "files", [])]
+        part.weights.close()
+        for path in files:
+            memory.drop_file_cache(path)
 
     def _mode(self, stage: str) -> str:
         return self.plan.weights_mode_of(str(self._dtypes[stage]).replace("torch.", ""))
