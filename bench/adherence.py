@@ -3,6 +3,7 @@
     python bench/adherence.py                      # 200 prompts, dpm++2m, 20 steps: one JSON line
     python bench/adherence.py --sampler euler_a --steps 10 -n 50
     python bench/adherence.py --weights int8       # weights rounded to int8 per output channel
+    python bench/adherence.py --precision bf16 --deep-cache 3   # bf16 compute, DeepCache N=3
     python bench/adherence.py --matrix --card src/sdlite/assets/sdlite-shapes/README.md
 
 Each prompt names a shape color, kind and background (and in about half of them a size and a
@@ -20,8 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from sdlite.pipeline import Pipeline
 from sdlite.train.adherence import run_adherence
@@ -59,13 +58,15 @@ LEVERS = {
 }
 
 
-def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Path) -> Pipeline:
+def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Path,
+         precision: str = "fp32") -> Pipeline:
     from sdlite.runtime.planner import Plan
     folder = weights_folder(model, "fp16" if weights == "fp16-compute" else weights, scratch)
     changes, chunk = LEVERS[lever] if lever else ({}, None)
     plan = Plan(width=64, height=64, **changes)
-    dtype = torch.float16 if weights == "fp16-compute" else torch.float32
-    pipe = Pipeline.load(folder, plan=plan, dtype=dtype, threads=threads)
+    if weights == "fp16-compute":
+        precision = "fp16"
+    pipe = Pipeline.load(folder, plan=plan, precision=precision, threads=threads)
     if chunk is not None:  # slices smaller than this model's token counts, so that slicing happens
         from sdlite.runtime.attention import set_attention
         for part in (pipe.text_encoder, pipe.unet, pipe.vae):
@@ -75,21 +76,22 @@ def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Pa
 
 
 def one(model: Path, n: int, steps: int, sampler: str, cfg: float, weights: str, lever: str | None,
-        threads: int, scratch: Path, label: str | None = None) -> dict:
-    pipe = load(model, weights, lever, threads, scratch)
+        threads: int, scratch: Path, label: str | None = None, precision: str = "fp32", deep_cache: int = 0) -> dict:
+    pipe = load(model, weights, lever, threads, scratch, precision)
     prompts = bench_prompts(n)
-    summary = run_adherence(pipe, prompts, steps=steps, sampler=sampler, cfg_scale=cfg)
+    summary = run_adherence(pipe, prompts, steps=steps, sampler=sampler, cfg_scale=cfg, deep_cache=deep_cache)
     summary.pop("outcomes")
     pipe.close()
     row = {"bench": "adherence", "label": label or f"{sampler} {steps} steps, weights {weights}"
-           + (f", lever {lever}" if lever else ""),
+           + (f", lever {lever}" if lever else "") + (f", {precision} compute" if precision != "fp32" else "")
+           + (f", DeepCache {deep_cache}" if deep_cache else ""),
            "sampler": sampler, "steps": steps, "cfg_scale": cfg, "weights": weights, "lever": lever,
-           "n": n, **summary}
+           "precision": precision, "deep_cache": deep_cache, "n": n, **summary}
     print(json.dumps(row), flush=True)
     return row
 
 
-# (label, sampler, steps, weights, lever)
+# (label, sampler, steps, weights, lever[, precision, deep_cache])
 MATRIX = [
     ("default: DPM++ 2M, 20 steps", "dpm++2m", 20, "stored", None),
     ("DDIM 10", "ddim", 10, "stored", None),
@@ -102,7 +104,14 @@ MATRIX = [
     ("Euler a 20", "euler_a", 20, "stored", None),
     ("int8 weights (UNet + text encoder), DPM++ 2M 20", "dpm++2m", 20, "int8", None),
     ("fp16 weights and compute, DPM++ 2M 20", "dpm++2m", 20, "fp16-compute", None),   # slow on CPU: capped
-] + [(f"lever {lv}, DPM++ 2M 20", "dpm++2m", 20, "stored", lv) for lv in LEVERS]
+] + [(f"lever {lv}, DPM++ 2M 20", "dpm++2m", 20, "stored", lv) for lv in LEVERS] + [
+    ("bf16 compute, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "bf16", 0),
+    ("int8 compute (UNet transformer Linear), DPM++ 2M 20", "dpm++2m", 20, "stored", None, "int8", 0),
+    ("DeepCache 2, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 2),
+    ("DeepCache 3, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 3),
+    ("DeepCache 5, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 5),
+    ("bf16 compute + DeepCache 3, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "bf16", 3),
+]
 CAPPED = {"fp16-compute": 50}
 
 
@@ -145,6 +154,9 @@ def main(argv=None) -> int:
                    help="stored: as in the folder (the shipped model: fp16), computed in fp32; fp32/fp16/int8: "
                         "converted with `sdlite convert`; fp16-compute: fp16 weights and activations")
     p.add_argument("--lever", choices=sorted(LEVERS), help="a memory lever of the runtime's plan")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+                   help="compute precision (runtime.precision)")
+    p.add_argument("--deep-cache", type=int, default=0, help="DeepCache N (0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matrix", action="store_true", help="every configuration of the model card table")
     p.add_argument("--only", nargs="*", help="with --matrix: only rows whose label contains one of these")
@@ -156,14 +168,14 @@ def main(argv=None) -> int:
 
     rows = []
     t0 = time.perf_counter()
-    configs = MATRIX if a.matrix else [(None, a.sampler, a.steps, a.weights, a.lever)]
+    configs = MATRIX if a.matrix else [(None, a.sampler, a.steps, a.weights, a.lever, a.precision, a.deep_cache)]
     if a.only:
         configs = [c for c in configs if any(o in c[0] for o in a.only)]
     a.scratch.mkdir(parents=True, exist_ok=True)
-    for label, sampler, steps, weights, lever in configs:
+    for label, sampler, steps, weights, lever, *more in configs:
         n = min(a.n, CAPPED.get(weights, a.n)) if a.matrix else a.n
         row = one(a.model.resolve(), n, steps, sampler, a.cfg_scale, weights, lever, a.threads, a.scratch,
-                  label)
+                  label, *more)
         rows.append(row)
         if a.jsonl:
             with a.jsonl.open("a") as f:

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/memory.py --model fp32=/tmp/sdlite-sd15 --model int8=/tmp/sdlite-sd15-int8 \\
         [--limits 3G,2G,1.5G,1G,768M,512M] [--peer diffusers=/tmp/sdlite-sd15] [--steps 4] [--size 512] \
-        [--vae TAESD_DIR]
+        [--vae TAESD_DIR] [--precision fp32|bf16|fp16|int8|auto]
 
 For every (model, limit): a fresh child cgroup under this process's own memory cgroup (cgroup v1
 `memory.limit_in_bytes`, or v2 `memory.max` with swap off), the model's files evicted from the page
@@ -10,7 +10,8 @@ cache first (posix_fadvise DONTNEED) so that their pages are charged to the new 
 a child process joins the cgroup and runs one generation (DPM++ 2M, CFG 7.5, 2 threads) with the
 planner given the same budget. Afterwards: exit status, whether the kernel OOM-killed it, the cgroup's
 peak usage, s/step (median), and the planner's estimate. The cgroup is removed. One JSON line per run.
-The peer runs diffusers (fp32, attention slicing and VAE tiling on) under the same limits.
+The peer runs diffusers (fp32, attention slicing and VAE tiling on) under the same limits. `--precision`
+sets sdlite's compute precision (the child's $SDLITE_PRECISION; default fp32, the tables' setting).
 Requires root and a writable memory cgroup; exits with a message where there is none.
 """
 
@@ -80,7 +81,7 @@ def child_diffusers(model: str, steps: int, size: int) -> None:
 # --- driver --------------------------------------------------------------------------------------
 
 def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, size: int,
-            parent: Cgroup, timeout: float, vae: str | None = None) -> dict:
+            parent: Cgroup, timeout: float, vae: str | None = None, precision: str = "fp32") -> dict:
     evict_folder(model)
     if vae:
         evict_folder(vae)
@@ -94,7 +95,8 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
     cmd = ["sh", "-c", join + "exec " + " ".join(f"'{a}'" for a in args)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "SDLITE_PRECISION": precision})
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc, out, err = "timeout", exc.stdout or "", exc.stderr or ""
@@ -105,6 +107,8 @@ def run_one(engine: str, label: str, model: str, limit: int | None, steps: int, 
            "exit": rc, "wall_s": round(wall, 1), "cgroup": cg.path.name}
     if vae:
         row["vae"] = Path(vae).name
+    if engine == "sdlite":
+        row["precision"] = precision
     row["peak_cgroup"] = cg.peak()
     row["oom_kills"] = cg.oom_kills()
     cg.remove()
@@ -131,6 +135,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--vae", default=None, help="sdlite runs decode with this VAE folder (e.g. TAESD)")
+    ap.add_argument("--precision", default="fp32", help="sdlite's compute precision (default fp32)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -159,7 +164,7 @@ def main() -> None:
         runs += [("diffusers", "fp32", folder, lim) for lim in limits]
     for engine, label, folder, limit in runs:
         row = run_one(engine, label, folder, limit, args.steps, args.size, parent, args.timeout,
-                      args.vae if engine == "sdlite" else None)
+                      args.vae if engine == "sdlite" else None, args.precision)
         print(json.dumps(row), flush=True)
 
 

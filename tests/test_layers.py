@@ -17,7 +17,7 @@ FLOORS = {
     "runtime": 4,
     "request": 5,
     "pipeline": 6, "testing": 6,
-    "serve": 7, "train": 7,
+    "serve": 7, "train": 7, "doctor": 7,
     "cli": 8, "__main__": 9,
 }
 

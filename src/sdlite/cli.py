@@ -6,6 +6,7 @@
     sdlite random-model ARCH DIR                a random-weight model folder (tests, benches)
     sdlite serve [-m MODEL]                     the gRPC + HTTP service (needs the `serve` extra)
     sdlite loadtest TARGET                      concurrent clients against a local `sdlite serve`
+    sdlite doctor [MODEL] [--json] [--probe]    this machine and whether the model fits it (bug reports)
 
 Errors are one line on stderr and exit code 2 (bad arguments, bad model folders, bad weights, a
 request the model or the memory budget cannot take); Ctrl-C exits 130. No output file is left behind
@@ -120,11 +121,12 @@ def add_model_arguments(parser, positional: bool = False) -> None:
 
 def add_precision_argument(parser) -> None:
     """--precision: what the networks compute in (runtime.precision)."""
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=None,
                         help="compute precision: auto = bf16 where this CPU computes it natively (AVX512-BF16, "
                              "AMX, ARMv8.6 BF16), else fp32; bf16 / fp16 run the UNet (bf16: and the VAE) in "
-                             "16 bits, independent of how the weights are stored (default: $SDLITE_PRECISION, "
-                             "else auto)")
+                             "16 bits, independent of how the weights are stored; int8: the UNet's transformer "
+                             "Linear layers in int8, the rest fp32 (for CPUs without bf16) (default: "
+                             "$SDLITE_PRECISION, else auto)")
 
 
 def chosen_precision(args):
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="storage of the weights")
 
     add_serve_parsers(sub)
+    add_doctor_parser(sub)
     return p
 
 
@@ -716,9 +719,34 @@ def cmd_loadtest(args) -> int:
         return EXIT_FAILED
     return 0
 
+# --- doctor (issue 17); the gathering and the findings live in sdlite.doctor ------------------------------
+
+def add_doctor_parser(sub) -> None:
+    d = sub.add_parser("doctor", help="OS, CPU, memory, swap/zram, cgroup, disk, torch, and whether the model "
+                       "fits: one screen for a bug report", formatter_class=HelpFormatter)
+    d.add_argument("model", nargs="?", help="a model folder or single file (default: the model sdlite ships)")
+    d.add_argument("--json", action="store_true", help="one JSON object instead of the screen")
+    d.add_argument("--probe", action="store_true", help="load the model and time one UNet step at its native "
+                   "size: the expected time per image (takes as long as two steps and a load)")
+    d.add_argument("--memory-budget", type=byte_size, default=None,
+                   help="check this budget (default: the memory available or the cgroup limit, less headroom)")
+    add_precision_argument(d)
+
+
+def cmd_doctor(args) -> int:
+    import json
+
+    from .doctor import diagnose, main_exit_code
+    report = diagnose(args.model, precision=chosen_precision(args).requested if args.precision else None,
+                      memory_budget_bytes=args.memory_budget, probe=args.probe)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
+    return main_exit_code(report)
+
+
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
             "random-model": cmd_random_model}
-COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest})
+COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest, "doctor": cmd_doctor})
+NEEDS_64BIT = ("generate", "serve")  # (doctor runs everywhere: it says why these refuse)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -726,6 +754,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
+            if args.command in NEEDS_64BIT:
+                from .runtime.cpu_features import arm32_refusal
+                if refusal := arm32_refusal():
+                    raise CliError(refusal)
             return COMMANDS[args.command](args)
         except (CliError, SdliteError) as exc:
             print(f"sdlite: error: {exc}", file=sys.stderr)

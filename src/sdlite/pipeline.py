@@ -429,7 +429,7 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
                  cfg_scale: float | None = None, seed: int | None = None, width: int | None = None,
                  height: int | None = None, sampler: str | None = None, clip_skip: int = 0,
-                 prompt_syntax: str = DEFAULT_SYNTAX,
+                 prompt_syntax: str = DEFAULT_SYNTAX, deep_cache: int = 0,
                  progress: ProgressFn | None = None,
                  cancel: threading.Event | CancelFn | None = None,
                  latents: torch.Tensor | None = None,
@@ -450,6 +450,7 @@ class Pipeline:
                                     width or self.native_size, height or self.native_size,
                                     sampler or rec["sampler"], clip_skip)
         request.prompt_syntax = prompt_syntax
+        request.deep_cache = deep_cache
         return self.run(request, progress=progress, cancel=cancel, latents=latents, profiler=profiler)
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None,

@@ -16,6 +16,7 @@ Read from the kernel's own description (`/proc/cpuinfo`), never guessed from a m
 from __future__ import annotations
 
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class CpuFeatures:
     flags: frozenset = field(default_factory=frozenset)   # x86 `flags` / ARM `Features`, lower case
     model: str = ""                    # x86 `model name`; ARM: the core's name from `CPU part`
     logical_cpus: int = 0              # processors listed in /proc/cpuinfo
+    physical_cores: int = 0            # distinct (physical id, core id) pairs; ARM lists none: = logical_cpus
+    board: str = ""                    # ARM: the `Model` line some kernels add ("Raspberry Pi 4 Model B Rev 1.4")
 
     @property
     def is_x86(self) -> bool:
@@ -90,8 +93,8 @@ class CpuFeatures:
 def parse_cpuinfo(text: str, machine: str) -> CpuFeatures:
     """`/proc/cpuinfo` as the kernel writes it for `machine` -> CpuFeatures (the first processor's lines;
     small boards have one core type). Unknown or missing lines give no features, never an error."""
-    flags: set[str] = set()
-    model, logical, part = "", 0, ""
+    first: dict[str, str] = {}
+    logical, physical_id, cores = 0, "", set()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
@@ -99,15 +102,18 @@ def parse_cpuinfo(text: str, machine: str) -> CpuFeatures:
         key, value = key.strip().lower(), value.strip()
         if key == "processor":
             logical += 1
-        elif key in ("flags", "features") and not flags:
-            flags = {f.lower() for f in value.split()}
-        elif key == "model name" and not model:
-            model = value
-        elif key == "cpu part" and not part:
-            part = value.lower()
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            cores.add((physical_id, value))
+        first.setdefault(key, value)
+    flags = {f.lower() for f in (first.get("flags") or first.get("features") or "").split()}
+    model, part = first.get("model name", ""), first.get("cpu part", "").lower()
     if part:
         model = ARM_PARTS.get(part, model or f"ARM core {part}")
-    return CpuFeatures(machine, frozenset(flags), model, logical)
+    x86 = CpuFeatures(machine).is_x86
+    board = "" if x86 else first.get("model", "")  # (x86's `model` is a number)
+    return CpuFeatures(machine, frozenset(flags), model, logical, len(cores) or logical, board)
 
 
 def read_cpu_features(root: str | Path = "/", machine: str | None = None) -> CpuFeatures:
@@ -118,3 +124,28 @@ def read_cpu_features(root: str | Path = "/", machine: str | None = None) -> Cpu
     except OSError:
         text = ""
     return parse_cpuinfo(text, machine)
+
+
+def process_bits() -> int:
+    """32 or 64: the width of this Python process's pointers (a 32-bit userland on a 64-bit kernel says
+    `aarch64` in uname, yet its processes are 32-bit)."""
+    return 64 if sys.maxsize > 2**32 else 32
+
+
+def is_32bit_arm_os(machine: str | None = None, bits: int | None = None) -> bool:
+    """True on a 32-bit ARM OS: an armv7l/armv6l machine, or a 32-bit process on an arm64 kernel (Raspberry
+    Pi OS 32-bit boots a 64-bit kernel on a Pi 4 / 5)."""
+    machine = machine or platform.machine()
+    bits = bits or process_bits()
+    return machine in ARM32_MACHINES or (machine in ARM64_MACHINES and bits == 32)
+
+
+def arm32_refusal(machine: str | None = None, bits: int | None = None) -> str | None:
+    """The one-line refusal for a 32-bit ARM OS (None elsewhere): torch ships no 32-bit ARM builds, and a
+    32-bit process cannot map a model of a few GB."""
+    machine = machine or platform.machine()
+    bits = bits or process_bits()
+    if not is_32bit_arm_os(machine, bits):
+        return None
+    return (f"this is a 32-bit ARM OS ({machine}, {bits}-bit processes): sdlite needs a 64-bit OS; "
+            "install the 64-bit Raspberry Pi OS (or another arm64 OS) and run sdlite there")

@@ -91,22 +91,25 @@ class Cgroup:
         self.own = own  # False: other processes are charged to it too (a shell's, a container's cgroup)
 
     @classmethod
-    def of_self(cls) -> "Cgroup | None":
+    def of_self(cls, root: str | Path = "/") -> "Cgroup | None":
+        """`root`: another tree holding proc/self/cgroup and sys/fs/cgroup (`sdlite doctor`'s fixtures)."""
+        root = Path(root)
         try:
-            lines = Path("/proc/self/cgroup").read_text().splitlines()
+            lines = (root / "proc/self/cgroup").read_text().splitlines()
         except OSError:
             return None
+        lines = [line for line in lines if line.count(":") >= 2]
         for line in lines:
             hid, controllers, rel = line.split(":", 2)
             if "memory" in controllers.split(","):
-                p = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+                p = root / "sys/fs/cgroup/memory" / rel.lstrip("/")
                 if (p / "memory.usage_in_bytes").exists():
                     return cls(p, 1, own=_alone_in(p))
         for line in lines:
             hid, controllers, rel = line.split(":", 2)
             if hid == "0":
-                for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-                    p = root / rel.lstrip("/")
+                for base in (root / "sys/fs/cgroup", root / "sys/fs/cgroup/unified"):
+                    p = base / rel.lstrip("/")
                     if (p / "memory.current").exists():
                         return cls(p, 2, own=_alone_in(p))
         return None
@@ -129,6 +132,26 @@ class Cgroup:
         if value is not None and value >= 1 << 60:
             return None
         return value
+
+    def limit_in_force(self) -> int | None:
+        """The smallest memory limit of this cgroup and its ancestors, each of which the kernel enforces (a
+        service's own cgroup may have none while its slice has one); None where none has a limit."""
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        limits, path = [], self.path
+        while (path / name).exists() and path.parent != path:  # (the root cgroup has no limit file)
+            limits.append(Cgroup(path, self.version).limit())
+            path = path.parent
+        return min((v for v in limits if v is not None), default=None)
+
+    def swap_limit(self) -> int | None:
+        """Swap this cgroup may use (v2 memory.swap.max; v1 memory.memsw.limit_in_bytes less the memory
+        limit); None: not limited, or not known."""
+        if self.version == 2:
+            value = self._read("memory.swap.max")
+        else:
+            both, memory = self._read("memory.memsw.limit_in_bytes"), self.limit()
+            value = None if both is None or memory is None or both >= 1 << 60 else max(0, both - memory)
+        return None if value is None or value >= 1 << 60 else value
 
     def oom_kills(self) -> int:
         """How many processes the kernel's OOM killer has killed in this cgroup."""

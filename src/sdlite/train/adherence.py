@@ -58,9 +58,9 @@ def summarize(outcomes: list[Outcome]) -> dict:
 
 def run_adherence(pipe, prompts: list[Prompt] | None = None, *, n: int = 200, steps: int = 20,
                   sampler: str = "dpm++2m", cfg_scale: float = 7.5, size: int | None = None,
-                  progress=None, keep_images: bool = False) -> dict:
+                  progress=None, keep_images: bool = False, deep_cache: int = 0) -> dict:
     """Generate one image per prompt (its own fixed seed) and score it; returns the summary with
-    `seconds_per_image`, and `outcomes` / `images` lists."""
+    `seconds_per_image`, and `outcomes` / `images` lists. `deep_cache`: DeepCache's N (0: off)."""
     prompts = bench_prompts(n) if prompts is None else prompts
     if size is None:
         size = pipe.native_size
@@ -68,7 +68,7 @@ def run_adherence(pipe, prompts: list[Prompt] | None = None, *, n: int = 200, st
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         result = pipe.generate(p.text, steps=steps, cfg_scale=cfg_scale, seed=p.seed, width=size,
-                               height=size, sampler=sampler)
+                               height=size, sampler=sampler, **({"deep_cache": deep_cache} if deep_cache else {}))
         outcomes.append(score_image(p, result.image))
         if keep_images:
             images.append(result.image)
