@@ -19,6 +19,8 @@ What a run measures, 512x512, SD 1.5-size random weights (fp16 on disk):
   unet_rel_err    ||out - out_ref|| / ||out_ref|| of one UNet evaluation on fixed inputs against sdlite fp32;
                   for DeepCache, the shallow evaluation that reuses the feature of a full one at the previous
                   input (x, t=500) on the next (x', t=480), against the full fp32 evaluation on (x', t=480)
+  channels_last   (the -channels-last row) the UNet's conv weights and the input in NHWC memory format: the
+                  s/step comparison only (the generation runs as usual)
   psnr_db         8-bit image PSNR of the 4-step LCM image against sdlite fp32's (same seed); random weights,
                   so the picture means nothing: this measures numerical drift only
 """
@@ -45,6 +47,7 @@ ROWS = {
     "sdlite-fp32": dict(engine="sdlite", precision="fp32"),
     "sdlite-bf16": dict(engine="sdlite", precision="bf16"),
     "sdlite-int8": dict(engine="sdlite", precision="int8"),
+    "sdlite-bf16-channels-last": dict(engine="sdlite", precision="bf16", channels_last=True),
     "sdlite-bf16-deepcache3": dict(engine="sdlite", precision="bf16", deep_cache=3),
     "sdlite-bf16-deepcache5": dict(engine="sdlite", precision="bf16", deep_cache=5),
     "diffusers-fp32": dict(engine="diffusers", precision="fp32"),
@@ -81,6 +84,9 @@ def sdlite_row(spec: dict, out_dir: Path, check: bool) -> dict:
     pipe = Pipeline.load(SD15, precision=spec["precision"], threads=2)
     unet, dtype = pipe.unet.module, pipe.dtype
     x, ctx, x_next = inputs()
+    if spec.get("channels_last"):  # the convolutions' weights and activations in NHWC (oneDNN's own layout)
+        unet.to(memory_format=torch.channels_last)
+        x, x_next = x.to(memory_format=torch.channels_last), x_next.to(memory_format=torch.channels_last)
     t, t_next = torch.tensor(500.0), torch.tensor(480.0)
     res = {}
     with torch.inference_mode():

@@ -62,10 +62,13 @@ def _build(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 class DequantizedView(Mapping):
-    """The checkpoint as fp32: int8 weights multiplied by their scales, scale keys hidden."""
+    """The checkpoint with int8 weights multiplied by their scales into `dtype` (fp32 by default), scale keys
+    hidden; other tensors as stored. Dequantizing straight into the dtype the network is loaded in means a
+    load never holds a whole fp32 copy beside the converted one (an int8 SD 1.5 UNet loaded in bf16: 1.7 GB,
+    not 1.7 + 3.4)."""
 
-    def __init__(self, weights: ComponentWeights):
-        self.weights = weights
+    def __init__(self, weights: ComponentWeights, dtype: torch.dtype = torch.float32):
+        self.weights, self.dtype = weights, dtype
         self._keys = [k for k in weights.keys()
                       if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in weights)]
 
@@ -73,7 +76,7 @@ class DequantizedView(Mapping):
         t = self.weights[key]
         scale_key = key + SCALE_SUFFIX
         if not t.is_floating_point() and scale_key in self.weights:
-            return dequantize(t, self.weights[scale_key].float())
+            return dequantize(t, self.weights[scale_key].float(), torch.empty(t.shape, dtype=self.dtype))
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -112,7 +115,7 @@ def _load(folder: ModelFolder, name: str, module: nn.Module, dtype: torch.dtype,
                     prepare_stored_weight(layer, stored, quantized=k + SCALE_SUFFIX in weights)
             load_into(module, weights, source=source, dtype=None, key_map=key_map)
         else:
-            load_into(module, DequantizedView(weights), source=source, dtype=dtype, key_map=key_map)
+            load_into(module, DequantizedView(weights, dtype), source=source, dtype=dtype, key_map=key_map)
     except Exception:
         weights.close()
         raise
