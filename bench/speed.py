@@ -13,7 +13,8 @@ What a run measures, 512x512, SD 1.5-size random weights (fp16 on disk):
                   (ceil(20/N) full, the rest shallow, each timed, median of 3)
   tti_20_dpm_cfg  time to image for 20 steps of DPM++ 2M with CFG: text encoding (cond + uncond, timed) +
                   20 x s_per_step + the VAE decode (timed): derived from the measured parts, not run whole
-                  (`--check` runs one such generation whole for the sdlite rows, to show the two agree)
+                  (`--check ROWS` runs one such generation whole for those rows in the first round, to show
+                  the two agree)
   tti_4_lcm       time to image for 4 LCM steps without CFG (cfg 1: batch 1), run whole: request -> PIL image
   peak_rss_MiB    the process's peak resident memory (VmHWM: anonymous + mapped weights)
   unet_rel_err    ||out - out_ref|| / ||out_ref|| of one UNet evaluation on fixed inputs against sdlite fp32;
@@ -199,7 +200,7 @@ def reference_next(out_dir: Path) -> None:
 
 def run_child(name: str, out_dir: Path, check: bool) -> dict:
     spec = {**ROWS[name], "name": name}
-    cmd = [sys.executable, str(HERE), "--child", json.dumps(spec), "--out", str(out_dir)] + (["--check"] if check else [])
+    cmd = [sys.executable, str(HERE), "--child", json.dumps(spec), "--out", str(out_dir)] + (["--whole"] if check else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     result = next((json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     return {"row": name, "exit": proc.returncode, **(result or {"error": proc.stderr[-600:]})}
@@ -228,9 +229,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     ap.add_argument("--out", default=None, help="folder for the images and UNet outputs (default: a temp folder)")
-    ap.add_argument("--check", action="store_true", help="also run one whole 20-step generation per sdlite row")
+    ap.add_argument("--check", default="", help="comma-separated sdlite rows that also run one whole 20-step "
+                    "generation (first round)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--reference-next", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="sdlite-speed-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +241,7 @@ def main() -> None:
         reference_next(out_dir)
         return
     if args.child:
-        child(json.loads(args.child), out_dir, args.check)
+        child(json.loads(args.child), out_dir, args.whole)
         return
     if not SD15.exists():
         sys.exit(f"{SD15} is missing: run `bench/presets.py --make` first")
@@ -251,7 +254,7 @@ def main() -> None:
     runs = []
     for i in range(args.repeat):
         for name in rows:
-            row = run_child(name, out_dir, args.check and i == 0 and name.startswith("sdlite"))
+            row = run_child(name, out_dir, i == 0 and name in args.check.split(",") and name.startswith("sdlite"))
             row["round"] = i
             runs.append(row)
             print(json.dumps(row), flush=True)
