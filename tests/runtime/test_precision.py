@@ -106,6 +106,9 @@ def test_stages_compute_in_their_dtype_and_stay_close_to_fp32(tiny_model, name):
     # fp32 weights on disk, 16-bit compute: converted once at load (no budget: the fastest plan)
     assert pipe.plan.convert_16 and pipe.unet.weights_mode == "materialize"
     assert all(p.dtype == pipe.dtype for p in pipe.unet.module.parameters())
+    convs = [m for m in pipe.unet.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)  # NHWC
+    assert not ref.unet.module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     a, b = _unet_out(ref), _unet_out(pipe)
     rel = float((a - b).norm() / a.norm())
     assert 0 < rel < (2e-2 if name == "bf16" else 3e-3)  # bf16 keeps 8 bits of mantissa, fp16 11
