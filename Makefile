@@ -2,7 +2,8 @@
 #   make demo   set up .venv and generate an image with the model sdlite ships (offline, seconds)
 #   make test   set up .venv with the test extras and run the test suite
 #   make lint   ruff: pyflakes rules, import order, a complexity bound (config in pyproject.toml)
-# torch is pinned to 2.13.0 (CPU build) everywhere; constraints.txt pins every other package.
+# torch is pinned by constraints.txt: 2.13.0 (CPU build), 2.9.1 on aarch64 (bench/arm64/README.md); it pins
+# every other package too.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ PIP_INSTALL = $(PIP) install --quiet --disable-pip-version-check -c constraints.
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) torch   # the pin (per architecture) comes from constraints.txt
 	$(PIP_INSTALL) -e .
 	touch $@
 

@@ -12,12 +12,17 @@
 #   4. $PREFIX/models for the model files (read-only to the service), /etc/sdlite/sdlite.env (mode 0600)
 #   5. /etc/systemd/system/sdlite.service, then `systemctl daemon-reload`; it does not start the service
 # Environment: PREFIX, TORCH_VERSION, TORCH_INDEX (empty: pip's own index), PYTHON (default python3).
+# Defaults: x86-64 torch 2.13.0 from the CPU index; aarch64 torch 2.9.1 from PyPI (CPU-only there; newer
+# aarch64 wheels on PyPI are CUDA builds, and 2.10.0 dies on a Pi 4 at import: bench/arm64/README.md).
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="${PREFIX:-/opt/sdlite}"
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
+if [ "$(uname -m)" = aarch64 ]; then  # PyPI's 2.9.1 is CPU-only and runs on a Pi 4's ARMv8.0 core (bench/arm64)
+  TORCH_VERSION="${TORCH_VERSION:-2.9.1}"; TORCH_INDEX="${TORCH_INDEX-}"
+else
+  TORCH_VERSION="${TORCH_VERSION:-2.13.0}"; TORCH_INDEX="${TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
+fi
 PYTHON="${PYTHON:-python3}"
 SERVICE_USER=sdlite
 UNIT=/etc/systemd/system/sdlite.service
