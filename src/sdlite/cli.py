@@ -619,6 +619,20 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--oom-score-adj", type=int, default=None, help="-1000..1000, for this process")
     s.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up generation")
     s.add_argument("-v", "--verbose", action="store_true", help="log every HTTP request")
+    r = s.add_argument_group("Ray Serve (the `ray` extra): replicas across the nodes of a Ray cluster")
+    r.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="deploy onto the Ray cluster at ADDRESS ('auto', HOST:6379, ray://HOST:10001) instead of "
+                        "serving here; HTTP only, on --host/--http-port of the head node's proxy")
+    r.add_argument("--replicas", type=positive_int, default=1, help="replicas (each one model, one node's slot)")
+    r.add_argument("--min-replicas", type=non_negative_int, default=None, help="autoscaling: fewest replicas")
+    r.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: most replicas")
+    r.add_argument("--target-ongoing-requests", type=positive_float, default=1.0,
+                   help="autoscaling: requests per replica it aims for")
+    r.add_argument("--ray-resource", metavar="NAME", default="sdlite_slot",
+                   help="custom resource each replica takes one of; nodes that generate advertise it "
+                        "(ray start --resources='{\"sdlite_slot\": 1}'); '' places replicas anywhere")
+    r.add_argument("--ray-proxies", choices=("HeadOnly", "EveryNode"), default="HeadOnly",
+                   help="where Ray Serve's HTTP proxies run (HeadOnly keeps them off small worker nodes)")
 
     lt = sub.add_parser("loadtest", help="drive a local sdlite serve with concurrent clients",
                         formatter_class=HelpFormatter)
@@ -653,6 +667,8 @@ def _importable(name: str) -> bool:
 def cmd_serve(args) -> int:
     import logging
 
+    if args.ray is not None:
+        return cmd_serve_ray(args)
     if args.grpc_port is None and args.http_port is None:
         raise CliError("--grpc-port off and --http-port off: nothing to serve")
     needed = ["prometheus_client"]
@@ -664,8 +680,48 @@ def cmd_serve(args) -> int:
     if missing:
         raise CliError(f"serve needs the serve extra, which is not installed (missing: {', '.join(missing)}): "
                        "pip install -c constraints.txt -e '.[serve]'")
-    from .serve.config import ApiAuth, Limits, ServeConfig
     from .serve.server import serve
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sdlite serve: %(levelname)s %(message)s")
+    model = resolve_model(args.model) if args.model or not args.models_dir else None
+    return serve(serve_config(args, model), warmup=not args.no_warmup)
+
+
+def cmd_serve_ray(args) -> int:
+    """`sdlite serve --ray ADDRESS`: the same service as a Ray Serve application (serve.ray_app)."""
+    import logging
+    missing = [name for name in ("ray", "starlette", "prometheus_client") if not _importable(name)]
+    if missing:
+        raise CliError(f"serve --ray needs the ray extra, which is not installed (missing: {', '.join(missing)}): "
+                       "pip install -c constraints.txt -e '.[ray]'")
+    if args.models_dir:
+        raise CliError("--models-dir is not supported with --ray (a switch would change one replica of many): "
+                       "deploy one application per model")
+    if args.http_port is None or args.http_port == 0:
+        raise CliError("--ray needs a fixed --http-port (Ray Serve's proxies listen on it)")
+    from .serve.ray_app import RayOptions, RaySetupError, run_ray
+    opts = RayOptions(address=args.ray, replicas=args.replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                      resource=args.ray_resource, proxy_location=args.ray_proxies)
+    try:
+        opts.check()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sdlite serve: %(levelname)s %(message)s")
+    # the path each replica opens on its own node; without -m each node's shipped model
+    model = Path(args.model).absolute() if args.model else None
+    config = serve_config(args, model)
+    config.grpc_port = None
+    try:
+        return run_ray(config, opts, sys.stdout, warmup=not args.no_warmup)
+    except RaySetupError as exc:
+        raise CliError(str(exc)) from None
+
+
+def serve_config(args, model):
+    """The ServeConfig of `sdlite serve`'s flags (CliError for a bad one)."""
+    from .serve.config import ApiAuth, Limits, ServeConfig
     if args.grace < 0:
         raise CliError(f"--grace must be >= 0, got {args.grace}")
     try:  # (the environment keeps secrets out of the process list)
@@ -673,12 +729,9 @@ def cmd_serve(args) -> int:
                              os.environ.get("SDLITE_API_TOKEN") or None if args.api_token is None else args.api_token)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="sdlite serve: %(levelname)s %(message)s")
     limits = Limits(max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                     max_images=args.max_images)
-    model = resolve_model(args.model) if args.model or not args.models_dir else None
-    config = ServeConfig(model, vae=Path(args.vae) if args.vae else None,
+    return ServeConfig(model, vae=Path(args.vae) if args.vae else None,
                          models_dir=Path(args.models_dir) if args.models_dir else None,
                          model_config=Path(args.config) if args.config else None,
                          lora_dir=Path(args.lora_dir) if args.lora_dir else None,
@@ -694,7 +747,6 @@ def cmd_serve(args) -> int:
                          max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,
                          breaker_cooldown=args.breaker_cooldown, grace=args.grace,
                          oom_score_adj=args.oom_score_adj, limits=limits, auth=auth)
-    return serve(config, warmup=not args.no_warmup)
 
 
 def cmd_loadtest(args) -> int:

@@ -78,16 +78,12 @@ def serve(config: ServeConfig, out=None, warmup: bool = True) -> int:
     return code
 
 
-def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
-    from .breaker import CircuitBreaker
-    from .execution import Executor, plan_concurrency
+def load_model(config: ServeConfig, warmup: bool, stop: threading.Event):
+    """(catalog, pipe, defaults): the model of `config` loaded (its first one with --models-dir) and, with
+    `warmup`, run once for one step. Shared by `sdlite serve` and each Ray Serve replica (`ray_app`)."""
     from .fields import Defaults
-    from .metrics import Metrics
     from .models import ModelCatalog
 
-    if config.oom_score_adj is not None:
-        apply_oom_score_adj(config.oom_score_adj)
-    t0 = time.perf_counter()
     budget = {} if config.memory_budget is None else {"memory_budget": config.memory_budget}
     # loading and every generation run on sdlite's one compute thread (runtime.compute_thread): the main
     # thread and the slots only wait, so torch keeps one OpenMP team and signal handlers keep running
@@ -100,16 +96,39 @@ def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, execut
         defaults = Defaults.for_pipeline(pipe)
         if warmup:
             _warm_up(pipe, defaults.sampler, stop)
+    except BaseException:
+        pipe.close()
+        raise
+    return catalog, pipe, defaults
+
+
+def start_executor(config: ServeConfig, pipe, metrics, slots: int, queue_size: int | None = None):
+    """The started Executor over `pipe`: `slots` generations at once, `queue_size` waiting (default
+    config.queue_size), the circuit breaker and deadlines of `config`."""
+    from .breaker import CircuitBreaker
+    from .execution import Executor
+    breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown)
+    return Executor(pipe, slots=slots, queue_size=config.queue_size if queue_size is None else queue_size,
+                    breaker=breaker, metrics=metrics, default_deadline=config.default_deadline,
+                    max_deadline=config.max_deadline).start()
+
+
+def _serve(config: ServeConfig, out, warmup: bool, stop: threading.Event, executor_box: list) -> int:
+    from .execution import plan_concurrency
+    from .metrics import Metrics
+
+    if config.oom_score_adj is not None:
+        apply_oom_score_adj(config.oom_score_adj)
+    t0 = time.perf_counter()
+    catalog, pipe, defaults = load_model(config, warmup, stop)
+    try:
         load_s = time.perf_counter() - t0
         if stop.is_set():
             print("sdlite serve: stopped before start", file=out, flush=True)
             return 0
         metrics = Metrics()
         slots = plan_concurrency(pipe, config.max_concurrency)
-        breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown)
-        executor = Executor(pipe, slots=slots, queue_size=config.queue_size, breaker=breaker,
-                            metrics=metrics, default_deadline=config.default_deadline,
-                            max_deadline=config.max_deadline).start()
+        executor = start_executor(config, pipe, metrics, slots)
         executor_box.append(executor)
         front_ends, ports = _open_front_ends(config, executor, defaults, metrics, pipe.folder.name, slots)
         _attach_catalog(catalog, executor, defaults, front_ends)
