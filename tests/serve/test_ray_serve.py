@@ -36,8 +36,8 @@ def test_deployment_options_follow_the_plan_and_the_flags():
     config = ServeConfig(None, memory_budget=1 << 30, queue_size=3, grace=7.0)
     o = deployment_options(config, RayOptions(replicas=3))
     assert o["num_replicas"] == 3 and "autoscaling_config" not in o
-    assert o["max_ongoing_requests"] == 5          # plan concurrency 1 + queue 3 + room for health / shed
-    assert o["max_queued_requests"] == 15          # 3 replicas' capacity
+    assert o["max_ongoing_requests"] == 3          # the plan's concurrency 1 + 2 of --queue-size 3 on the replica
+    assert o["max_queued_requests"] == 3           # and the third in the router (one per replica)
     assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
     assert o["ray_actor_options"] == {"num_cpus": 0, "resources": {"sdlite_slot": 1},
                                       "memory": (1 << 30) + REPLICA_HEADROOM}
@@ -45,7 +45,7 @@ def test_deployment_options_follow_the_plan_and_the_flags():
     config = ServeConfig(None, max_concurrency=3)
     o = deployment_options(config, RayOptions(min_replicas=0, max_replicas=4, target_ongoing_requests=2,
                                               resource=""))
-    assert o["max_ongoing_requests"] == 3 + 4 + 1 and o["max_queued_requests"] == 4 * 8
+    assert o["max_ongoing_requests"] == 3 + 3 and o["max_queued_requests"] == 4
     assert o["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 4,
                                        "target_ongoing_requests": 2}
     assert "num_replicas" not in o and o["ray_actor_options"] == {"num_cpus": 0}
@@ -190,7 +190,7 @@ def test_every_route_answers_through_the_ingress(service):
 
 
 def test_overflow_is_shed_with_429_and_nothing_hangs(service):
-    # capacity: 2 replicas x (1 running + 1 waiting); 12 at once
+    # capacity: 2 replicas x 1 running + 2 waiting in the router (--queue-size 1 per replica); 12 at once
     results = _concurrently(12, lambda: service.txt2img(steps=20, timeout=180))
     statuses = [r[0] for r in results]
     shed = [r for r in results if r[0] == 429]

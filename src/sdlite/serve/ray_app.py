@@ -12,13 +12,15 @@ ASGI ingress. What is per replica and what Ray does:
 - placement: each replica takes one unit of the custom resource `sdlite_slot` (`--ray-resource`), which only
   the nodes meant to generate advertise (`ray start --resources='{"sdlite_slot": 1}'`), and, with a budget,
   `memory` = budget + REPLICA_HEADROOM in Ray's accounting;
-- admission: each replica's executor runs the plan's concurrency (`plan_concurrency`) and queues
-  `--queue-size` more, shedding the rest with 429 + Retry-After exactly as `sdlite serve` does;
-  `max_ongoing_requests` is that capacity + ROOM (so /healthz, /metrics and a request to be shed still reach
-  a full replica); Ray's router queues at most `max_queued_requests` = the replicas' total capacity (a safety
-  cap: Ray counts every request of a burst as queued until it is assigned) and answers beyond it 429 with
-  Retry-After too (Ray's BackpressureConfig); the router sends each request to the less loaded of two
-  replicas;
+- admission: `--queue-size` requests may wait per replica, as on one node: one of them in Ray's router
+  (`max_queued_requests` = one per replica: the next request goes to whichever replica frees up first) and
+  the rest on the replica (its executor's queue, REPLICA_QUEUE). `max_ongoing_requests` is the replica's
+  capacity, the plan's concurrency (`plan_concurrency`) + its queue, so the router sends a replica no more
+  than it holds, to the less loaded of two. Beyond that the proxy answers 429 with Retry-After (Ray's
+  BackpressureConfig) without bothering a replica, so shedding costs the generating nodes nothing. Ray counts
+  the requests of a burst as queued until each is assigned, so more simultaneous arrivals than replicas may
+  see 429 while a replica has room. The router polls a full deployment with back-off (Ray's default: up to
+  0.5 s), which leaves a replica without a local queue idle between jobs: README gives the head's setting;
 - `--replicas N`, or autoscaling between `--min-replicas` and `--max-replicas` toward
   `--target-ongoing-requests` per replica; Serve restarts a replica whose process dies (its request in
   flight answers 500) and moves replicas off a node that leaves;
@@ -54,7 +56,6 @@ DEPLOYMENT_NAME = "sdlite"
 SLOT_RESOURCE = "sdlite_slot"
 REPLICA_HEADROOM = 200 << 20   # bytes reserved beyond the budget: python, torch and Ray's worker itself
 METRICS_PERIOD = 2.0           # seconds between copies of a replica's metrics into Ray's
-ROOM = 1                       # requests a replica takes beyond its executor's capacity (health, metrics, shed)
 
 
 class RaySetupError(SdliteError):
@@ -98,10 +99,14 @@ def replica_slots(config: ServeConfig) -> int:
     return plan_concurrency(None, config.max_concurrency)
 
 
+def replica_queue(config: ServeConfig) -> int:
+    """Requests that wait on the replica itself: --queue-size less the one that waits in Ray's router."""
+    return max(0, config.queue_size - 1)
+
+
 def deployment_options(config: ServeConfig, opts: RayOptions) -> dict:
     """The keyword arguments of `serve.deployment` for `config` and `opts` (plain values; the caller turns
     `backpressure_config` into Ray's class)."""
-    capacity = replica_slots(config) + config.queue_size
     most = opts.max_replicas if opts.autoscaling and opts.max_replicas is not None else opts.replicas
     actor = {"num_cpus": 0}   # placement is by the slot resource and memory; threads are the replica's choice
     if opts.resource:
@@ -110,8 +115,8 @@ def deployment_options(config: ServeConfig, opts: RayOptions) -> dict:
         actor["memory"] = int(config.memory_budget) + REPLICA_HEADROOM
     options = {
         "name": DEPLOYMENT_NAME,
-        "max_ongoing_requests": capacity + ROOM,
-        "max_queued_requests": max(1, most * (capacity + ROOM)),
+        "max_ongoing_requests": replica_slots(config) + replica_queue(config),
+        "max_queued_requests": max(1, most),
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "ray_actor_options": actor,
         "graceful_shutdown_timeout_s": max(0.0, config.grace),
@@ -233,7 +238,7 @@ class SdliteReplica:
         self.catalog, self.pipe, self.defaults = load_model(config, warmup, self._stop)
         self.metrics = Metrics()
         slots = replica_slots(config)
-        self.executor = start_executor(config, self.pipe, self.metrics, slots)
+        self.executor = start_executor(config, self.pipe, self.metrics, slots, queue_size=replica_queue(config))
         context = serve.get_replica_context()
         self.replica = getattr(context.replica_id, "unique_id", None) or str(context.replica_tag)
         self.node = ray.get_runtime_context().get_node_id()
