@@ -31,14 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 
@@ -48,6 +44,7 @@ import psutil
 os.environ.setdefault("RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S", "0.05")
 
 from sdlite.serve.loadtest import Target, run_loadtest
+from sdlite.serve.process import ServerProcess
 
 MB = 1 << 20
 
@@ -87,32 +84,20 @@ def node_pids(node) -> list[int]:
     return sorted(pids)
 
 
-class Server:
-    """`sdlite serve --ray ADDRESS ...` as a process; up once it prints its HTTP address."""
-
-    def __init__(self, address: str, args, replicas: int, queue_size: int):
-        self.port = free_port()
-        self.log = Path(tempfile.mkstemp(prefix="sdlite-ray-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "sdlite", "serve", "--ray", address, "--replicas", str(replicas),
-               "--threads", "1", "--http-port", str(self.port), "--queue-size", str(queue_size),
-               "--max-steps", str(max(150, args.steps))]
-        cmd += ["-m", args.model] if args.model else []
-        cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        end = time.monotonic() + 600
-        while "http listening" not in self.log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.proc.kill()
-                sys.exit(f"sdlite serve --ray did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        self.target = Target("http", "127.0.0.1", self.port, "a1111")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(300)
+def start_server(address: str, args, replicas: int, queue_size: int) -> ServerProcess:
+    """`sdlite serve --ray ADDRESS ...` as a process (ServerProcess: up once it writes its port file), with
+    `target` for the load generator."""
+    from sdlite.weights.model_folder import shipped_model
+    budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    server = ServerProcess(args.model or shipped_model(), "--ray", address, "--replicas", str(replicas),
+                           "--threads", "1", "--http-port", str(free_port()), "--queue-size", str(queue_size),
+                           "--max-steps", str(max(150, args.steps)), *budget,
+                           startup_timeout=600, stop_timeout=300).start()
+    server.target = Target("http", "127.0.0.1", server.http_port, "a1111")
+    return server
 
 
-def load(server: Server, args, clients: int, seconds: float):
+def load(server: ServerProcess, args, clients: int, seconds: float):
     payload = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
                "height": args.size, "seed": 1}
     return run_loadtest(server.target, clients=clients, duration=seconds, payload=payload,
@@ -180,7 +165,7 @@ def main() -> int:
         node_up = None
         for _ in range(args.repeats):
             for replicas in (1, 2):
-                server = Server(cluster.address, args, replicas, queue_size=max(4, args.clients))
+                server = start_server(cluster.address, args, replicas, queue_size=max(4, args.clients))
                 load(server, args, replicas, 5.0)   # warm every replica
                 if node_up is None and replicas == 2:
                     node_up = pss(node_pids(node))
@@ -201,7 +186,7 @@ def main() -> int:
              ratio=round(two / one, 3) if one else None, target=1.7, ok=bool(one) and two / one >= 1.7)
 
         # --- overload: 2 replicas, queue 1, 4 x the slots ---
-        server = Server(cluster.address, args, 2, queue_size=1)
+        server = start_server(cluster.address, args, 2, queue_size=1)
         load(server, args, 2, 5.0)
         # one request per replica at a time: both replicas busy, sharing this machine's CPU as under load
         # (on one box the replicas slow each other; on a real cluster each has its node's CPU)

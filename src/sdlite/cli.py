@@ -664,9 +664,13 @@ def _importable(name: str) -> bool:
         return False
 
 
-def cmd_serve(args) -> int:
+def serve_logging(args) -> None:
     import logging
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sdlite serve: %(levelname)s %(message)s")
 
+
+def cmd_serve(args) -> int:
     if args.ray is not None:
         return cmd_serve_ray(args)
     if args.grpc_port is None and args.http_port is None:
@@ -681,15 +685,13 @@ def cmd_serve(args) -> int:
         raise CliError(f"serve needs the serve extra, which is not installed (missing: {', '.join(missing)}): "
                        "pip install -c constraints.txt -e '.[serve]'")
     from .serve.server import serve
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="sdlite serve: %(levelname)s %(message)s")
+    serve_logging(args)
     model = resolve_model(args.model) if args.model or not args.models_dir else None
     return serve(serve_config(args, model), warmup=not args.no_warmup)
 
 
 def cmd_serve_ray(args) -> int:
     """`sdlite serve --ray ADDRESS`: the same service as a Ray Serve application (serve.ray_app)."""
-    import logging
     missing = [name for name in ("ray", "starlette", "prometheus_client") if not _importable(name)]
     if missing:
         raise CliError(f"serve --ray needs the ray extra, which is not installed (missing: {', '.join(missing)}): "
@@ -707,8 +709,7 @@ def cmd_serve_ray(args) -> int:
         opts.check()
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="sdlite serve: %(levelname)s %(message)s")
+    serve_logging(args)
     # the path each replica opens on its own node; without -m each node's shipped model
     model = Path(args.model).absolute() if args.model else None
     config = serve_config(args, model)

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from sdlite.serve.config import ServeConfig
+from sdlite.serve.process import ServerProcess
 from sdlite.serve.ray_app import REPLICA_HEADROOM, RayOptions, build, deployment_options
 
 SMALL = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 1}
@@ -93,9 +94,9 @@ def _free_port() -> int:
 
 
 class Service:
-    def __init__(self, cluster, workers, metrics_ports, proc, port, log):
+    def __init__(self, cluster, workers, metrics_ports, server):
         self.cluster, self.workers, self.metrics_ports = cluster, workers, metrics_ports
-        self.proc, self.port, self.log = proc, port, log
+        self.server, self.port = server, server.http_port
 
     def request(self, method: str, path: str, body=None, timeout: float = 120.0):
         """(status, headers with lower-case names, JSON or bytes); raises on a timeout (a hang)."""
@@ -116,7 +117,7 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
+def service(tiny_model):
     if os.environ.get("CI"):
         import ray  # CI installs the test extras, which hold the ray extra: a missing one is a failure
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -134,25 +135,17 @@ def service(tiny_model, tmp_path_factory):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"a local Ray cluster cannot start here: {exc}")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("ray") / "serve.log"
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "sdlite", "serve", "--ray", cluster.address, "--replicas", "2",
-                             "-m", str(tiny_model), "--http-port", str(port), "--queue-size", "1",
-                             "--grace", "60", "--threads", "1", "--max-steps", "1000"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    end = time.monotonic() + 240
-    while "http listening" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            cluster.shutdown()
-            pytest.fail(f"sdlite serve --ray did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    svc = Service(cluster, workers, ports, proc, port, log)
-    yield svc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    # (the fixed --http-port after ServerProcess's own ephemeral one: Ray's proxy needs a fixed port)
+    server = ServerProcess(tiny_model, "--ray", cluster.address, "--replicas", "2", "--http-port", str(_free_port()),
+                           "--queue-size", "1", "--grace", "60", "--threads", "1", "--max-steps", "1000",
+                           startup_timeout=240, stop_timeout=120, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        cluster.shutdown()
+        pytest.fail(f"sdlite serve --ray did not come up: {str(exc)[-3000:]}")
+    yield Service(cluster, workers, ports, server)
+    server.__exit__(None, None, None)   # (SIGTERM, then SIGKILL; already stopped by the last test)
     ray.shutdown()
     cluster.shutdown()
 
@@ -290,12 +283,12 @@ def test_sigterm_drains_then_exits_0(service):
     t = threading.Thread(target=lambda: box.update(r=service.txt2img(steps=40, timeout=120)))
     t.start()
     time.sleep(2)
-    service.proc.send_signal(signal.SIGTERM)
+    service.server.send_signal(signal.SIGTERM)
     t.join(120)
     assert not t.is_alive()
     assert box["r"][0] == 200, box["r"]     # admitted work finishes within --grace
-    assert service.proc.wait(120) == 0
-    text = service.log.read_text()
+    assert service.server.wait(120) == 0
+    text = service.server.log()
     assert "draining (grace 60s)" in text and "sdlite serve: stopped" in text
     with pytest.raises(OSError):
         service.txt2img(timeout=10)

@@ -248,6 +248,10 @@ class Executor:
             t.join(timeout=max(0.0, end - time.monotonic()) + 1.0)
         return clean
 
+    def ended_workers(self) -> list[str]:
+        """Names of the slot threads that have ended (none while the executor runs)."""
+        return [t.name for t in self._threads if not t.is_alive()]
+
     def hurry(self) -> None:
         """A second signal: skip the rest of the grace period."""
         self._hurry.set()

@@ -80,12 +80,19 @@ class RayOptions:
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
 
+    def replica_range(self) -> tuple[int, int]:
+        """(fewest, most) replicas: (--replicas, --replicas), or the autoscaling bounds (min default 1, max
+        default the larger of min and --replicas)."""
+        if not self.autoscaling:
+            return self.replicas, self.replicas
+        lo = 1 if self.min_replicas is None else self.min_replicas
+        return lo, max(lo, self.replicas) if self.max_replicas is None else self.max_replicas
+
     def check(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
-        lo = 1 if self.min_replicas is None else self.min_replicas
-        hi = max(lo, self.replicas) if self.max_replicas is None else self.max_replicas
-        if self.autoscaling and not 0 <= lo <= hi or hi < 1:
+        lo, hi = self.replica_range()
+        if not 0 <= lo <= hi or hi < 1:
             raise ValueError(f"autoscaling needs 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, "
                              f"got {lo} and {hi}")
         if self.target_ongoing_requests <= 0:
@@ -107,7 +114,7 @@ def replica_queue(config: ServeConfig) -> int:
 def deployment_options(config: ServeConfig, opts: RayOptions) -> dict:
     """The keyword arguments of `serve.deployment` for `config` and `opts` (plain values; the caller turns
     `backpressure_config` into Ray's class)."""
-    most = opts.max_replicas if opts.autoscaling and opts.max_replicas is not None else opts.replicas
+    lo, most = opts.replica_range()
     actor = {"num_cpus": 0}   # placement is by the slot resource and memory; threads are the replica's choice
     if opts.resource:
         actor["resources"] = {opts.resource: 1}
@@ -125,11 +132,8 @@ def deployment_options(config: ServeConfig, opts: RayOptions) -> dict:
         "health_check_timeout_s": 30.0,
     }
     if opts.autoscaling:
-        lo = 1 if opts.min_replicas is None else opts.min_replicas
-        options["autoscaling_config"] = {
-            "min_replicas": lo, "initial_replicas": max(lo, 1),
-            "max_replicas": max(lo, opts.replicas) if opts.max_replicas is None else opts.max_replicas,
-            "target_ongoing_requests": opts.target_ongoing_requests}
+        options["autoscaling_config"] = {"min_replicas": lo, "initial_replicas": max(lo, 1), "max_replicas": most,
+                                         "target_ongoing_requests": opts.target_ongoing_requests}
     else:
         options["num_replicas"] = opts.replicas
     return options
@@ -183,12 +187,12 @@ class MetricsBridge:
             except Exception:  # a metrics hiccup must not end the replica
                 log.exception("copying metrics into Ray failed")
 
-    def _metric(self, family, kind: str):
+    def _metric(self, family):
         from ray.serve import metrics as serve_metrics
         name = family.name
         if name not in self._ray:
             keys = tuple(sorted({k for s in family.samples for k in s.labels}))
-            cls = serve_metrics.Counter if kind == "counter" else serve_metrics.Gauge
+            cls = serve_metrics.Counter if family.type == "counter" else serve_metrics.Gauge
             self._ray[name] = cls(name, description=family.documentation or name, tag_keys=keys)
         return self._ray[name]
 
@@ -196,7 +200,7 @@ class MetricsBridge:
         for family in self.registry.collect():
             if family.type not in ("counter", "gauge") or family.name.startswith("process_"):
                 continue
-            metric = self._metric(family, family.type)
+            metric = self._metric(family)
             for sample in family.samples:
                 if family.type == "counter" and not sample.name.endswith("_total"):
                     continue  # (the _created timestamps)
@@ -253,7 +257,7 @@ class SdliteReplica:
         return ReplicaHeaders(app, self.replica, self.node)
 
     def check_health(self) -> None:
-        dead = [t.name for t in self.executor._threads if not t.is_alive()]
+        dead = self.executor.ended_workers()
         if dead and not self.executor.draining:
             raise RuntimeError(f"sdlite replica {self.replica}: executor thread(s) {', '.join(dead)} ended")
 
@@ -283,20 +287,18 @@ def build(args: dict):
     """Application builder for Ray's own CLI: `serve run sdlite.serve.ray_app:build model=PATH
     [memory_budget=1G] [replicas=N] [precision=...] [threads=N] [queue_size=N] [grace=S] [resource=NAME]`."""
     from ..units import parse_bytes
-    known = {"model", "memory_budget", "replicas", "precision", "threads", "queue_size", "grace", "resource",
-             "max_concurrency"}
+    config_fields = {"memory_budget": parse_bytes, "precision": str, "threads": int, "max_concurrency": int,
+                     "queue_size": int, "grace": float}
+    option_fields = {"replicas": int, "resource": str}
+    known = {"model", *config_fields, *option_fields}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if "model" not in args:
         raise ValueError("model=PATH is required (a path on every node that runs a replica)")
     config = ServeConfig(Path(args["model"]), grpc_port=None,
-                         memory_budget=parse_bytes(args["memory_budget"]) if "memory_budget" in args else None,
-                         precision=args.get("precision"),
-                         threads=int(args["threads"]) if "threads" in args else None,
-                         max_concurrency=int(args["max_concurrency"]) if "max_concurrency" in args else None,
-                         queue_size=int(args.get("queue_size", 4)), grace=float(args.get("grace", 30.0)))
-    opts = RayOptions(replicas=int(args.get("replicas", 1)), resource=args.get("resource", SLOT_RESOURCE))
+                         **{k: f(args[k]) for k, f in config_fields.items() if k in args})
+    opts = RayOptions(**{k: f(args[k]) for k, f in option_fields.items() if k in args})
     opts.check()
     return build_deployment(config, opts)
 
@@ -308,7 +310,7 @@ def _check_capacity(opts: RayOptions) -> None:
     if not opts.resource:
         return
     total = ray.cluster_resources().get(opts.resource, 0)
-    need = (opts.min_replicas or 1) if opts.autoscaling else opts.replicas
+    need = max(1, opts.replica_range()[0])
     if total < need:
         raise RaySetupError(
             f"the cluster advertises {total:g} {opts.resource} but {need} replica(s) need one each: start "
@@ -421,8 +423,8 @@ def _announce(out, config: ServeConfig, opts: RayOptions, load_s: float) -> None
     deployment = status.deployments.get(DEPLOYMENT_NAME) if status else None
     running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(opts.resource))
-    scaling = (f"autoscaling {opts.min_replicas or 1}..{opts.max_replicas or opts.replicas}" if opts.autoscaling
-               else f"{opts.replicas} replica(s)")
+    lo, hi = opts.replica_range()
+    scaling = f"autoscaling {lo}..{hi}" if opts.autoscaling else f"{opts.replicas} replica(s)"
     print(f"sdlite serve: Ray application {opts.app_name!r} up in {load_s:.1f}s: {scaling}, {running} running, "
           f"{nodes} node(s) with {opts.resource or 'any resource'}; model {config.model}", file=out)
     print(f"sdlite serve: http listening on {config.host}:{config.http_port or 8000} (Ray Serve, "
