@@ -4,6 +4,7 @@
     python bench/adherence.py --sampler euler_a --steps 10 -n 50
     python bench/adherence.py --weights int8       # weights rounded to int8 per output channel
     python bench/adherence.py --precision bf16 --deep-cache 3   # bf16 compute, DeepCache N=3
+    python bench/adherence.py --kv-store int8 --kv-tokens eot   # compressed cross-attention K/V
     python bench/adherence.py --matrix --card src/sdlite/assets/sdlite-shapes/README.md
 
 Each prompt names a shape color, kind and background (and in about half of them a size and a
@@ -59,11 +60,11 @@ LEVERS = {
 
 
 def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Path,
-         precision: str = "fp32") -> Pipeline:
+         precision: str = "fp32", kv: tuple[str, str] = ("compute", "all")) -> Pipeline:
     from sdlite.runtime.planner import Plan
     folder = weights_folder(model, "fp16" if weights == "fp16-compute" else weights, scratch)
     changes, chunk = LEVERS[lever] if lever else ({}, None)
-    plan = Plan(width=64, height=64, **changes)
+    plan = Plan(width=64, height=64, kv_store=kv[0], kv_tokens=kv[1], **changes)
     if weights == "fp16-compute":
         precision = "fp16"
     pipe = Pipeline.load(folder, plan=plan, precision=precision, threads=threads)
@@ -76,17 +77,20 @@ def load(model: Path, weights: str, lever: str | None, threads: int, scratch: Pa
 
 
 def one(model: Path, n: int, steps: int, sampler: str, cfg: float, weights: str, lever: str | None,
-        threads: int, scratch: Path, label: str | None = None, precision: str = "fp32", deep_cache: int = 0) -> dict:
-    pipe = load(model, weights, lever, threads, scratch, precision)
+        threads: int, scratch: Path, label: str | None = None, precision: str = "fp32", deep_cache: int = 0,
+        kv: tuple[str, str] = ("compute", "all")) -> dict:
+    pipe = load(model, weights, lever, threads, scratch, precision, kv)
     prompts = bench_prompts(n)
     summary = run_adherence(pipe, prompts, steps=steps, sampler=sampler, cfg_scale=cfg, deep_cache=deep_cache)
     summary.pop("outcomes")
     pipe.close()
     row = {"bench": "adherence", "label": label or f"{sampler} {steps} steps, weights {weights}"
            + (f", lever {lever}" if lever else "") + (f", {precision} compute" if precision != "fp32" else "")
-           + (f", DeepCache {deep_cache}" if deep_cache else ""),
+           + (f", DeepCache {deep_cache}" if deep_cache else "")
+           + (f", K/V {kv[0]}" if kv[0] != "compute" else "") + (f", K/V tokens {kv[1]}" if kv[1] != "all" else ""),
            "sampler": sampler, "steps": steps, "cfg_scale": cfg, "weights": weights, "lever": lever,
-           "precision": precision, "deep_cache": deep_cache, "n": n, **summary}
+           "precision": precision, "deep_cache": deep_cache, "kv_store": kv[0], "kv_tokens": kv[1],
+           "model": model.name, "n": n, **summary}
     print(json.dumps(row), flush=True)
     return row
 
@@ -111,6 +115,10 @@ MATRIX = [
     ("DeepCache 3, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 3),
     ("DeepCache 5, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 5),
     ("bf16 compute + DeepCache 3, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "bf16", 3),
+    ("K/V cache bf16, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 0, ("bf16", "all")),
+    ("K/V cache int8 per head, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 0, ("int8", "all")),
+    ("K/V tokens through first EOT, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 0, ("compute", "eot")),
+    ("K/V int8 + tokens through first EOT, DPM++ 2M 20", "dpm++2m", 20, "stored", None, "fp32", 0, ("int8", "eot")),
 ]
 CAPPED = {"fp16-compute": 50}
 
@@ -157,7 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
                    help="compute precision (runtime.precision)")
     p.add_argument("--deep-cache", type=int, default=0, help="DeepCache N (0: off)")
+    p.add_argument("--kv-store", choices=("compute", "bf16", "int8"), default="compute",
+                   help="how the cached text K/V are kept (runtime.kv_cache)")
+    p.add_argument("--kv-tokens", choices=("all", "eot"), default="all",
+                   help="all 77 tokens, or through the first end-of-text token")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--label", help="the row's label (default: made from the options)")
     p.add_argument("--matrix", action="store_true", help="every configuration of the model card table")
     p.add_argument("--only", nargs="*", help="with --matrix: only rows whose label contains one of these")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/sdlite-adherence"),
@@ -168,7 +181,8 @@ def main(argv=None) -> int:
 
     rows = []
     t0 = time.perf_counter()
-    configs = MATRIX if a.matrix else [(None, a.sampler, a.steps, a.weights, a.lever, a.precision, a.deep_cache)]
+    configs = MATRIX if a.matrix else [(a.label, a.sampler, a.steps, a.weights, a.lever, a.precision, a.deep_cache,
+                                        (a.kv_store, a.kv_tokens))]
     if a.only:
         configs = [c for c in configs if any(o in c[0] for o in a.only)]
     a.scratch.mkdir(parents=True, exist_ok=True)

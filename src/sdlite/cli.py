@@ -7,6 +7,8 @@
     sdlite serve [-m MODEL]                     the gRPC + HTTP service (needs the `serve` extra)
     sdlite loadtest TARGET                      concurrent clients against a local `sdlite serve`
     sdlite doctor [MODEL] [--json] [--probe]    this machine and whether the model fits it (bug reports)
+    sdlite prune SRC DST [--recipe ...]         a smaller UNet, blocks removed as BK-SDM does
+    sdlite distill DST --teacher SRC --prompts FILE --minutes N   teach the pruned UNet from the original
 
 Errors are one line on stderr and exit code 2 (bad arguments, bad model folders, bad weights, a
 request the model or the memory budget cannot take); Ctrl-C exits 130. No output file is left behind
@@ -129,6 +131,16 @@ def add_precision_argument(parser) -> None:
                              "$SDLITE_PRECISION, else auto)")
 
 
+def add_kv_arguments(parser) -> None:
+    """--kv-store / --kv-tokens: how the text's cross-attention K/V are kept (runtime.kv_cache)."""
+    parser.add_argument("--kv-store", choices=("compute", "bf16", "int8"), default=None,
+                        help="the text's cross-attention K/V kept as computed, in bf16 or in int8 with a scale "
+                             "per head (default: as computed unless only a smaller one fits --memory-budget)")
+    parser.add_argument("--kv-tokens", choices=("all", "eot"), default=None,
+                        help="attend to all 77 tokens a chunk (default, as diffusers) or only through each "
+                             "chunk's first end-of-text token (faster; changes the image a little)")
+
+
 def chosen_precision(args):
     """--precision (or $SDLITE_PRECISION) resolved: a runtime.precision.Precision; CliError when unknown."""
     from .runtime.precision import resolve_precision
@@ -207,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the physical cores, set up once)")
     add_precision_argument(g)
+    add_kv_arguments(g)
     g.add_argument("--memory-budget", type=byte_size, default=None,
                    help="stay within this much memory (e.g. 1.5G, 768M): planned before loading "
                         "(default: no limit)")
@@ -248,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parsers(sub)
     add_doctor_parser(sub)
+    add_lighten_parsers(sub)
     return p
 
 
@@ -358,7 +372,8 @@ def cmd_generate(args) -> int:
     try:
         pipe = Pipeline.load(folder, threads=args.threads, memory_budget=args.memory_budget,
                              width=req.width, height=req.height, profiler=prof, loras=args.lora,
-                             lora_dir=args.lora_dir, embeddings=args.embeddings_dir, precision=precision)
+                             lora_dir=args.lora_dir, embeddings=args.embeddings_dir, precision=precision,
+                             kv_store=args.kv_store, kv_tokens=args.kv_tokens)
         if args.verbose:
             print(f"precision: {pipe.precision.describe()}", file=sys.stderr)
             print(f"plan: {pipe.plan.describe()}", file=sys.stderr)
@@ -595,6 +610,7 @@ def add_serve_parsers(sub) -> None:
     s.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the physical cores, set up once)")
     add_precision_argument(s)
+    add_kv_arguments(s)
     s.add_argument("--memory-budget", type=byte_size, default=None,
                    help="e.g. 1.5G: the memory planner picks the levers; sizes that cannot fit are refused")
     s.add_argument("--max-concurrency", type=positive_int, default=None,
@@ -743,6 +759,7 @@ def serve_config(args, model):
                          port_file=Path(args.port_file) if args.port_file else None,
                          threads=args.threads, memory_budget=args.memory_budget,
                          precision=chosen_precision(args).requested,
+                         kv_store=args.kv_store, kv_tokens=args.kv_tokens,
                          max_concurrency=args.max_concurrency,
                          queue_size=args.queue_size, default_deadline=args.default_deadline,
                          max_deadline=args.max_deadline, breaker_failures=args.breaker_failures,
@@ -796,8 +813,116 @@ def cmd_doctor(args) -> int:
     return main_exit_code(report)
 
 
+# --- prune and distill (issue 18); their work lives in sdlite.train.prune and sdlite.train.distill --------
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_lighten_parsers(sub) -> None:
+    from .train.prune import DROPS, IMPORTANCE, RECIPES
+    p = sub.add_parser("prune", help="a smaller UNet: remove blocks as BK-SDM does (then `sdlite distill` it)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("src", help="a diffusers model folder")
+    p.add_argument("dst", help="the folder to write (must not exist)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="bk-sdm-small",
+                   help="what to remove: bk-sdm-small = the mid block and one resnet+attention per stage; "
+                        "bk-sdm-base = one resnet+attention per stage; no-mid; inner-attentions = the innermost "
+                        "stage's attentions (down and up)")
+    p.add_argument("--drop", action="append", choices=DROPS, default=None,
+                   help="remove these instead of the recipe's (repeatable)")
+    p.add_argument("--target", type=fraction, default=None, metavar="F",
+                   help="instead: remove the least important blocks until this fraction of the UNet's "
+                        "parameters is gone (e.g. 0.3)")
+    p.add_argument("--importance", choices=IMPORTANCE, default="l1",
+                   help="which blocks go first: l1 = smallest mean |weight|; output = smallest measured change "
+                        "of the UNet's output on --prompts")
+    p.add_argument("--prompts", metavar="FILE", default=None, help="prompts, one per line (--importance output)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+
+    d = sub.add_parser("distill", help="teach a pruned UNet from the original, without a dataset (resumable)",
+                       formatter_class=HelpFormatter)
+    d.add_argument("dst", help="the pruned model folder (from sdlite prune); its UNet is trained in place")
+    d.add_argument("--teacher", required=True, help="the original model folder")
+    d.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line (one-chunk prompts)")
+    d.add_argument("--minutes", type=positive_float, default=None,
+                   help="train until the total time (every resumed run included) reaches this")
+    d.add_argument("--steps", type=positive_int, default=None, help="or until this many steps in total")
+    d.add_argument("--batch", type=positive_int, default=16)
+    d.add_argument("--lr", type=positive_float, default=2e-4, help="AdamW learning rate")
+    d.add_argument("--teacher-steps", type=positive_int, default=20,
+                   help="DPM++ 2M steps of the teacher's latents (one per prompt)")
+    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads; --threads 1 makes a run reproducible bit for bit")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+
+def cmd_prune(args) -> int:
+    from .runtime.threads import configure_threads
+    from .train.distill import read_prompts
+    from .train.prune import RECIPES, prune_model
+    if os.path.lexists(args.dst):
+        raise CliError(f"{args.dst}: already exists")
+    if args.target is not None and args.drop:
+        raise CliError("--target chooses the blocks itself; give --target or --drop, not both")
+    if args.importance == "output" and not args.prompts:
+        raise CliError("--importance output needs --prompts FILE")
+    configure_threads(args.threads)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    drops = tuple(args.drop) if args.drop else RECIPES[args.recipe]
+    report = prune_model(args.src, args.dst, drops, target=args.target, importance=args.importance, prompts=prompts)
+    for r in report["removed"]:
+        score = next(v for k, v in r.items() if k.startswith("importance_"))
+        print(f"  removed {r['unit']:<58} {r['params']:>12,} parameters  ({args.importance} importance {score:g})")
+    before, after = report["params_before"], report["params_after"]
+    print(f"UNet: {before:,} -> {after:,} parameters ({report['params_removed']:.1%} fewer), "
+          f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} MiB")
+    print(f"{args.dst} (distill it: sdlite distill {args.dst} --teacher {args.src} --prompts FILE --minutes N)")
+    return 0
+
+
+class DistillProgress:
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.last = stream, 0.0
+
+    def __call__(self, step: int, spent: float, budget: float | None, steps: int | None, rec: dict) -> None:
+        now = time.perf_counter()
+        if now - self.last < (0.5 if self.stream.isatty() else 30):
+            return
+        self.last = now
+        goal = (f"{spent / 60:.1f}/{budget / 60:g} min" if budget is not None else f"{step}/{steps} steps")
+        line = f"step {step}  {goal}  loss {rec['loss']:.4f} (task {rec['task']:.4f}, out {rec['out_kd']:.4f}, " \
+               f"feat {rec['feat_kd']:.4f})"
+        self.stream.write(("\r" + line) if self.stream.isatty() else line + "\n")
+        self.stream.flush()
+
+
+def cmd_distill(args) -> int:
+    from .train.distill import Distiller, DistillRecipe, read_prompts
+    if args.minutes is None and args.steps is None:
+        raise CliError("give --minutes N or --steps N (the total, resumed runs included)")
+    prompts = read_prompts(args.prompts)
+    recipe = DistillRecipe(seed=args.seed, batch=args.batch, lr=args.lr, teacher_steps=args.teacher_steps)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    dist = Distiller(args.dst, args.teacher, prompts, recipe, threads=args.threads, log=log)
+    try:
+        out = dist.run(args.minutes, args.steps, None if args.quiet else DistillProgress())
+    finally:
+        dist.close()
+    if not args.quiet and sys.stderr.isatty():
+        print(file=sys.stderr)
+    last = out["loss_last"] or {}
+    print(f"{args.dst}: {out['steps']} steps, {out['minutes']:.1f} min in all"
+          + (f", loss {last['loss']:.4f}" if last else ""))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "convert": cmd_convert,
-            "random-model": cmd_random_model}
+            "random-model": cmd_random_model, "prune": cmd_prune, "distill": cmd_distill}
 COMMANDS.update({"serve": cmd_serve, "loadtest": cmd_loadtest, "doctor": cmd_doctor})
 NEEDS_64BIT = ("generate", "serve")  # (doctor runs everywhere: it says why these refuse)
 

@@ -50,7 +50,7 @@ from .runtime.components import (
 )
 from .runtime.compute_thread import run_on_compute_thread
 from .runtime.deep_cache import deep_cache_unet
-from .runtime.kv_cache import cross_attention_cache
+from .runtime.kv_cache import TokenKeep, cross_attention_cache, keep_through_first_eot
 from .runtime.lora import DEFAULT_METHOD, ActiveLoRA, LoRASet, lora_bytes, loras_from_prompt
 from .runtime.planner import STAGES, Plan, SizePlans, make_plan
 from .runtime.precision import Precision, resolve_precision
@@ -73,6 +73,16 @@ __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "
 
 # the guided network as the samplers call it: (latents (1, C, h, w) float32, timestep 0-d float32) -> same
 GuidedModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _kv_choice(kv_store: str | None, kv_tokens: str | None) -> tuple[str | None, str | None]:
+    """(kv_store, kv_tokens) checked: ValueError for an unknown one."""
+    from .runtime.kv_cache import KV_STORES, KV_TOKENS
+    if kv_store is not None and kv_store not in KV_STORES:
+        raise ValueError(f"kv_store must be one of {', '.join(KV_STORES)}, got {kv_store!r}")
+    if kv_tokens is not None and kv_tokens not in KV_TOKENS:
+        raise ValueError(f"kv_tokens must be one of {', '.join(KV_TOKENS)}, got {kv_tokens!r}")
+    return kv_store, kv_tokens
 
 
 class Pipeline:
@@ -110,7 +120,8 @@ class Pipeline:
              vae: str | Path | None = None, config: str | Path | None = None,
              prediction_type: str | None = None, loras=(), lora_dir: str | Path | None = None,
              lora_method: str = DEFAULT_METHOD, embeddings: str | Path | None = None,
-             dtype: torch.dtype | None = None) -> "Pipeline":
+             dtype: torch.dtype | None = None, kv_store: str | None = None, kv_tokens: str | None = None
+             ) -> "Pipeline":
         """Open a model and prepare it to generate: a diffusers folder, or a single-file SD 1.x / 2.x
         checkpoint (`.safetensors`, or `.ckpt` read without running its pickle's code). With no `path`, the
         model sdlite ships (sdlite-shapes: 64x64 flat shapes on flat backgrounds, a few dozen words; see
@@ -140,21 +151,27 @@ class Pipeline:
                         used by name (the file's stem) in prompts; files of another width are skipped
                         with a warning (see weights.embeddings)
         dtype           older spelling of `precision` (torch.float32 / bfloat16 / float16); wins over it
+        kv_store        how the text's cross-attention K/V are kept for the steps: "compute" (exact), "bf16"
+                        or "int8" (one scale per head); None: the planner's choice (exact unless only a
+                        lossy store fits the budget). See runtime.kv_cache; errors: README "Lighter UNets"
+        kv_tokens       "all" (default, as diffusers) or "eot": attend only to each chunk's tokens through
+                        its first end-of-text token (faster; changes the image)
 
         Raises ModelFolderError / WeightsError for a bad folder, file or weights (before any network is
         built when the configs are bad), PlanError when nothing fits the budget (the message names the
         smallest budget that would), ValueError for a malformed `memory_budget` string or an unknown
-        `precision`. Loading, like
+        `precision`, `kv_store` or `kv_tokens`. Loading, like
         every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
         precision = resolve_precision(dtype if dtype is not None else precision)
+        kv = _kv_choice(kv_store, kv_tokens)
         return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, precision, threads,
                                      profiler, vae, config, prediction_type, loras, lora_dir, lora_method,
-                                     embeddings)
+                                     embeddings, kv)
 
     @classmethod
     def _load(cls, path, memory_budget, plan, width, height, precision, threads, profiler, vae, config,
               prediction_type, loras=(), lora_dir=None, lora_method=DEFAULT_METHOD,
-              embeddings=None) -> "Pipeline":
+              embeddings=None, kv=(None, None)) -> "Pipeline":
         configure_threads(threads)
         if path is None:
             path = shipped_model()
@@ -172,8 +189,11 @@ class Pipeline:
         if plan is None:
             native = native_size(folder)
             plan = make_plan(folder, memory_budget, width or native, height or native, lora_bytes=lora_bytes(active),
-                             precision=precision)
+                             precision=precision, kv_store=kv[0], kv_tokens=kv[1] or "all")
+        else:
+            plan = dataclasses.replace(plan, **{k: v for k, v in zip(("kv_store", "kv_tokens"), kv) if v})
         pipe = cls(folder, tokenizer, scheduler_config, plan, precision, lora_set, active, lora_method)
+        pipe.plans.kv_store = kv[0]
         if embeddings is not None:
             pipe.embeddings = load_embeddings(embeddings, pipe.text_config.hidden_size)
         pipe.residency.prepare(profiler)
@@ -245,6 +265,21 @@ class Pipeline:
             return self.encode_prompt(text, request.clip_skip)
         return self.encode_prompt(text, request.clip_skip, request.prompt_syntax)
 
+    def token_keep(self, request: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> TokenKeep:
+        """The tokens of the request's prompt (and negative prompt) that the K/V cache keeps under the plan's
+        `kv_tokens="eot"`: per chunk BOS .. the first end-of-text token; chunks `same_length` padded with keep
+        the empty prompt's two. `cond` / `uncond` are the embeddings the masks must match (S tokens)."""
+        table = EmbeddingTable(self.tokenizer, self.embeddings) if self.embeddings else None
+        tok = self.tokenizer
+
+        def mask(text: str, length: int) -> torch.Tensor:
+            chunks = tokenize_prompt(tok, text, request.prompt_syntax, table)
+            ids = [i for c in chunks for i in c.ids]
+            ids += empty_chunk(tok).ids * ((length - len(ids)) // tok.max_length)
+            return keep_through_first_eot(ids, tok.bos_id, tok.eos_id, tok.max_length)
+        return TokenKeep(mask(request.prompt, cond.shape[1]),
+                         None if uncond is None else mask(request.negative_prompt, uncond.shape[1]))
+
     def same_length(self, cond: torch.Tensor, uncond: torch.Tensor | None, clip_skip: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`cond` and `uncond` with the shorter one padded with the empty prompt's chunk (as A1111's
@@ -271,7 +306,7 @@ class Pipeline:
         return noise
 
     def guided_model(self, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
-                     plan: Plan, deep_cache: int = 0) -> GuidedModel:
+                     plan: Plan, deep_cache: int = 0, keep: TokenKeep | None = None) -> GuidedModel:
         """The UNet with classifier-free guidance, eps = uncond + cfg_scale * (cond - uncond) (Ho &
         Salimans 2022, arXiv:2207.12598): as one batch of 2, or as two passes of 1 when the plan splits
         it; without `uncond`, the conditional output alone.
@@ -283,8 +318,15 @@ class Pipeline:
         `deep_cache` N >= 2: the UNet runs whole for 1 of every N of its evaluations and only its shallow
         path for the others, reusing the deep feature (DeepCache, see runtime.deep_cache). Evaluations, not
         steps, are counted: a 2nd-order sampler (Heun, DPM2) evaluates twice per step. The two passes of split
-        guidance each count and cache on their own; a batch of 2 is one evaluation. 0 or 1: off."""
+        guidance each count and cache on their own; a batch of 2 is one evaluation. 0 or 1: off.
+
+        `keep` (the plan's `kv_tokens="eot"`): the contexts built here are registered with the token masks it
+        carries, so that the K/V cache keeps only those tokens (runtime.kv_cache)."""
         module = self.unet.module
+        if keep is not None:
+            keep.register(cond, keep.cond)
+            if uncond is not None and plan.cfg == "split":
+                keep.register(uncond, keep.uncond)
         unet = deep_cache_unet(module, deep_cache)
         dtype = self.dtype
         cond_dim = self.unet_config.time_cond_proj_dim
@@ -304,6 +346,8 @@ class Pipeline:
                 return out_uncond + cfg_scale * (out_cond - out_uncond)
             return split
         context = torch.cat([uncond, cond])
+        if keep is not None:
+            keep.register(context, torch.stack([keep.uncond, keep.cond]))
 
         def batched(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out_uncond, out_cond = unet(torch.cat([x, x]).to(dtype), t, context).float().chunk(2)
@@ -319,9 +363,11 @@ class Pipeline:
         `start` (img2img, inpainting: see `prepare_image`): the sampler starts at the strength's step from
         the init latents noised there, and a mask is kept to its area at every step."""
         plan = plan or self.plan
-        model = self.guided_model(cond, uncond, request.cfg_scale, plan, request.deep_cache)
+        keep = self.token_keep(request, cond, uncond) if plan.kv_cache and plan.kv_tokens == "eot" else None
+        model = self.guided_model(cond, uncond, request.cfg_scale, plan, request.deep_cache, keep)
         options = sampler_options(request)
-        cache = cross_attention_cache(self.unet.module) if plan.kv_cache else contextlib.nullcontext()
+        cache = (cross_attention_cache(self.unet.module, plan.kv_store, keep) if plan.kv_cache
+                 else contextlib.nullcontext())
         with torch.inference_mode(), cache:
             if start is not None:
                 return start.run(request, model, noise, self.scheduler_config, generator, on_step, options)

@@ -130,6 +130,7 @@ class ModelSizes:
     lora_bytes: dict = field(default_factory=dict)  # stage -> fp32 bytes of the LoRAs applied to it
     compute: dict = field(default_factory=lambda: dict.fromkeys(("text_encoder", "unet", "vae"), "float32"))
     int8_bytes_per_weight: int = 0  # int8 compute of the UNet's transformer Linear layers: heap bytes a weight
+    kv_width: int = 0          # the UNet's cross-attention layers' inner widths, summed (K/V cache size)
 
     def element_ratio(self, stage: str) -> float:
         """Bytes per element of `stage`'s compute dtype over fp32's (1 fp32, 0.5 bf16 / fp16)."""
@@ -144,10 +145,36 @@ class ModelSizes:
         vae_channels = vcfg.block_out_channels[-1 if kind == "taesd" else 0]
         return cls(ComponentSize.of(folder, "text_encoder"), ComponentSize.of(folder, "unet"),
                    ComponentSize.of(folder, "vae"), ucfg.block_out_channels[0],
-                   vae_factor(vcfg), ucfg.in_channels, vae_channels, kind)
+                   vae_factor(vcfg), ucfg.in_channels, vae_channels, kind, kv_width=cross_attention_width(ucfg))
 
     def component(self, name: str) -> ComponentSize:
         return getattr(self, name)
+
+
+def cross_attention_width(cfg) -> int:
+    """The sum of the inner widths of a UNet config's cross-attention layers: K or V of one text token in
+    every layer has this many elements."""
+    ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+    layers = cfg.per_block(cfg.layers_per_block, "layers_per_block")
+    depth = cfg.per_block(cfg.transformer_layers_per_block, "transformer_layers_per_block")
+    total = sum(layers[i] * depth[i] * ch[i] for i, t in enumerate(cfg.down_block_types) if t.startswith("CrossAttn"))
+    total += sum((layers[n - 1 - i] + 1) * depth[n - 1 - i] * ch[n - 1 - i]
+                 for i, t in enumerate(cfg.up_block_types) if t.startswith("CrossAttn"))
+    if cfg.mid_block_type is not None:
+        total += depth[-1] * ch[-1]
+    return total
+
+
+KV_TOKENS_PLANNED = 77      # a one-chunk prompt; "eot" keeps fewer, how many depends on the prompt
+
+
+def kv_cache_bytes(sizes: "ModelSizes", plan: "Plan") -> int:
+    """The cached text K/V of the UNet's cross-attention layers: K and V, for the prompt and the negative
+    prompt, 77 tokens each (the planner does not count on "eot" truncation), as `plan.kv_store` keeps them."""
+    if not plan.kv_cache:
+        return 0
+    per = {"bf16": 2, "int8": 1}.get(plan.kv_store, 4 * sizes.element_ratio("unet"))
+    return int(2 * 2 * KV_TOKENS_PLANNED * sizes.kv_width * per)
 
 
 @dataclass
@@ -162,6 +189,8 @@ class Plan:
     attention: str = "sdpa"
     layer_chunk: int | None = None    # compute layers above this many fp32 bytes in channel slices
     kv_cache: bool = True
+    kv_store: str = "compute"         # the cached text K/V: as computed, or "bf16" / "int8" (runtime.kv_cache)
+    kv_tokens: str = "all"            # "all" 77 a chunk, or "eot": through each chunk's first end-of-text
     trim: bool = True                 # gc + malloc_trim between stages
     budget: int | None = None
     estimates: dict = field(default_factory=dict)   # stage -> estimated peak bytes
@@ -175,10 +204,25 @@ class Plan:
                  f"weights={self.weights_mode}{'+convert16' if self.convert_16 else ''}",
                  f"attention={self.attention}",
                  f"layer_chunk={format_bytes(self.layer_chunk) if self.layer_chunk else 'off'}",
-                 f"kv_cache={'on' if self.kv_cache else 'off'}"]
+                 f"kv_cache={self._kv()}"]
         if self.streamed:
             parts.append("streamed=" + "+".join(self.streamed))
         return ", ".join(parts)
+
+    def _kv(self) -> str:
+        if not self.kv_cache:
+            return "off"
+        extra = [x for x in (self.kv_store if self.kv_store != "compute" else None,
+                             "eot" if self.kv_tokens == "eot" else None) if x]
+        return "on" + (f" ({', '.join(extra)})" if extra else "")
+
+    def validate(self) -> None:
+        """ValueError for an unknown `kv_store` / `kv_tokens`."""
+        from .kv_cache import KV_STORES, KV_TOKENS
+        if self.kv_store not in KV_STORES:
+            raise ValueError(f"kv_store must be one of {', '.join(KV_STORES)}, got {self.kv_store!r}")
+        if self.kv_tokens not in KV_TOKENS:
+            raise ValueError(f"kv_tokens must be one of {', '.join(KV_TOKENS)}, got {self.kv_tokens!r}")
 
     def weights_mode_of(self, stage_dtype: str) -> str:
         """The weights mode of a stage computing in `stage_dtype` ("float32", "bfloat16", "float16")."""
@@ -201,7 +245,7 @@ def _activations(sizes: ModelSizes, stage: str, plan: Plan, width: int, height: 
         scale = sizes.unet_channels / 320
         const = (ACTIVATION_BYTES["unet_const"] * scale
                  + ACTIVATION_BYTES["unet_const_x_largest_layer"] * _largest(sizes.unet, plan))
-        return int(const + ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px)
+        return int(const + ACTIVATION_BYTES["unet_per_latent_px"] * scale * batch * px + kv_cache_bytes(sizes, plan))
     if sizes.vae_kind == "taesd":
         scale, key = sizes.vae_channels / 64, "taesd"
     else:
@@ -281,18 +325,21 @@ def reread_per_step(sizes: ModelSizes, plan: Plan, width: int, height: int, budg
     return deficit * (2 if plan.cfg == "split" else 1)
 
 
-def candidates(sizes: ModelSizes, width: int, height: int):
-    """Lever combinations, fastest first."""
+def candidates(sizes: ModelSizes, width: int, height: int, kv_stores=("compute",)):
+    """Lever combinations, fastest first; the lossy K/V stores (`kv_stores` after the first) only after every
+    exact combination."""
     f = sizes.vae_factor
     lat = max(width, height) // f
     tiles = [None] + [t for t in (64, 48, 32, 24, 16) if t < lat]
     converts = [True, False] if _converts_16(sizes) else [False]
-    for residency in ("all", "staged"):  # reloading every stage per request costs most
-        for convert in converts:          # then converting per layer at every call (~25 % a step)
-            for chunk in (None, LAYER_CHUNK):
-                for cfg in ("batch", "split"):
-                    for tile in tiles:
-                        yield Plan(residency=residency, cfg=cfg, vae_tile=tile, layer_chunk=chunk, convert_16=convert)
+    for kv_store in kv_stores:
+        for residency in ("all", "staged"):  # reloading every stage per request costs most
+            for convert in converts:          # then converting per layer at every call (~25 % a step)
+                for chunk in (None, LAYER_CHUNK):
+                    for cfg in ("batch", "split"):
+                        for tile in tiles:
+                            yield Plan(residency=residency, cfg=cfg, vae_tile=tile, layer_chunk=chunk,
+                                       convert_16=convert, kv_store=kv_store)
 
 
 def _converts_16(sizes: ModelSizes) -> bool:
@@ -304,7 +351,8 @@ def _converts_16(sizes: ModelSizes) -> bool:
 
 
 def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, height: int = 512,
-              sizes: ModelSizes | None = None, lora_bytes: dict | None = None, precision=None) -> Plan:
+              sizes: ModelSizes | None = None, lora_bytes: dict | None = None, precision=None,
+              kv_store: str | None = None, kv_tokens: str = "all") -> Plan:
     """The fastest plan whose estimated peak fits `budget` with all weights cached if there is one;
     else the one that re-reads the fewest weight bytes per step; PlanError naming the smallest budget
     that would fit when none does. With no budget: every network resident, fp16/int8 weights read from
@@ -312,7 +360,10 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     fp16/int8 weights to fp32 at load (measured: lazy dequantization runs within the run-to-run spread of
     fp32, README "Memory budget"); `Plan(weights_mode="materialize")` still does, when asked for.
     `precision` (runtime.precision: a Precision, a name or None for fp32) sets each stage's compute dtype:
-    its activations, workspace and converted tensors are counted in it."""
+    its activations, workspace and converted tensors are counted in it.
+    `kv_store` (runtime.kv_cache): how the text K/V are kept; None lets the planner choose: as computed, or,
+    only when no exact plan fits without streaming weights, bf16 then int8 (measured: README "Lighter UNets").
+    `kv_tokens` ("all" / "eot") is the caller's choice: what it saves depends on the prompt."""
     from .precision import STAGE_NAMES, resolve_precision
     if isinstance(folder, (str, Path)):
         folder = open_model(folder)
@@ -322,20 +373,24 @@ def make_plan(folder: ModelFolder | str, budget: int | None, width: int = 512, h
     if prec.int8_linear:
         from .int8_compute import bytes_per_weight
         sizes.int8_bytes_per_weight = bytes_per_weight()
-    plan = _make_plan(sizes, budget, width, height, lora_bytes)
-    plan.precision = prec.name
+    stores = (kv_store,) if kv_store is not None else (
+        ("compute", "bf16", "int8") if prec.unet.itemsize == 4 else ("compute", "int8"))  # 16-bit: bf16 saves nothing
+    plan = _make_plan(sizes, budget, width, height, lora_bytes, stores)
+    plan.precision, plan.kv_tokens = prec.name, kv_tokens
+    plan.validate()
     return plan
 
 
-def _make_plan(sizes: ModelSizes, budget: int | None, width: int, height: int, lora_bytes: dict | None) -> Plan:
+def _make_plan(sizes: ModelSizes, budget: int | None, width: int, height: int, lora_bytes: dict | None,
+               kv_stores=("compute",)) -> Plan:
     if lora_bytes is not None:  # stage -> fp32 bytes of the LoRAs applied (runtime.lora)
         sizes.lora_bytes = dict(lora_bytes)
     if budget is None:
-        plan = Plan(width=width, height=height, convert_16=_converts_16(sizes))
+        plan = Plan(width=width, height=height, convert_16=_converts_16(sizes), kv_store=kv_stores[0])
         plan.estimates, plan.streamed = estimate(sizes, plan, width, height)
         return plan
     best, best_cost, smallest = None, None, None
-    for order, plan in enumerate(candidates(sizes, width, height)):
+    for order, plan in enumerate(candidates(sizes, width, height, kv_stores)):
         est, streamed = estimate(sizes, plan, width, height, budget)
         plan.estimates, plan.streamed, plan.budget = est, streamed, budget
         plan.width, plan.height = width, height
@@ -371,8 +426,10 @@ class SizePlans:
     networks are already built that way); plans are cached per size. Without a budget every size uses
     the loaded plan."""
 
-    def __init__(self, folder: ModelFolder, loaded: Plan, lora_bytes: dict | None = None, precision=None):
+    def __init__(self, folder: ModelFolder, loaded: Plan, lora_bytes: dict | None = None, precision=None,
+                 kv_store: str | None = None):
         self.folder, self.loaded, self.lora_bytes = folder, loaded, lora_bytes
+        self.kv_store = kv_store  # as asked at load (None: the planner's choice)
         self.precision = precision if precision is not None else loaded.precision
         self._sizes: ModelSizes | None = None
         self._plans: dict[tuple[int, int], Plan] = {}
@@ -390,7 +447,7 @@ class SizePlans:
         if self._sizes is None:
             self._sizes = ModelSizes.of(self.folder)
         new = make_plan(self.folder, plan.budget, width, height, sizes=self._sizes, lora_bytes=self.lora_bytes,
-                        precision=self.precision)
+                        precision=self.precision, kv_store=self.kv_store, kv_tokens=plan.kv_tokens)
         if plan.residency == "staged":
             new.residency = "staged"
         elif new.residency == "staged":

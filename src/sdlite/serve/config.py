@@ -92,6 +92,8 @@ class ServeConfig:
     port_file: Path | None = None   # JSON {"grpc": port, "http": port, "pid": pid}, written when ready
     threads: int | None = None      # torch threads (default: the physical cores, see runtime.threads)
     precision: str | None = None    # compute precision (runtime.precision); None: $SDLITE_PRECISION or auto
+    kv_store: str | None = None     # the text K/V store (runtime.kv_cache); None: the planner's choice
+    kv_tokens: str | None = None    # "all" (None) or "eot"
     memory_budget: int | None = None  # bytes; the planner picks the levers for it (None: no plan limit)
     max_concurrency: int | None = None  # generations at once; None: from the memory plan
     queue_size: int = 4             # admitted jobs waiting for a slot (beyond the running ones)

@@ -251,7 +251,8 @@ class ModelCatalog:
             budget = parse_bytes(budget)
         if budget is not None:
             native = native_size(folder)
-            make_plan(folder, budget, native, native, precision=kwargs.get("precision"))
+            make_plan(folder, budget, native, native, precision=kwargs.get("precision"),
+                      kv_store=kwargs.get("kv_store"), kv_tokens=kwargs.get("kv_tokens") or "all")
 
     # --- switching ---------------------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ def load_model(config: ServeConfig, warmup: bool, stop: threading.Event):
     catalog = ModelCatalog(config.models_dir, config.model,
                            dict(threads=config.threads, vae=config.vae, config=config.model_config,
                                 prediction_type=config.prediction_type, lora_dir=config.lora_dir,
-                                embeddings=config.embeddings_dir, precision=config.precision, **budget))
+                                embeddings=config.embeddings_dir, precision=config.precision,
+                                kv_store=config.kv_store, kv_tokens=config.kv_tokens, **budget))
     pipe = catalog.load_first()
     try:
         defaults = Defaults.for_pipeline(pipe)

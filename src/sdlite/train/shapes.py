@@ -278,6 +278,21 @@ def bench_prompts(n: int = 200, seed: int = 0, held_out_fraction: float = 0.25) 
     return out
 
 
+def distill_prompts(n: int = 512, seed: int = 0) -> list[str]:
+    """`n` captions of combinations seen in training (never a held-out one, so that the bench's held-out
+    prompts stay unseen by a distilled student too), with a size and a position about half the time each:
+    the prompts `sdlite distill` teaches a pruned shapes model on."""
+    rng = random.Random(f"distill:{seed}")
+    combos = train_combos()
+    out = []
+    for _ in range(n):
+        combo = combos[rng.randrange(len(combos))]
+        size_word = rng.choice(SIZES) if rng.random() < 0.5 else None
+        position = rng.choice(list(POSITIONS)) if rng.random() < 0.5 else None
+        out.append(make_caption(*combo, size_word, position))
+    return out
+
+
 def caption_corpus() -> list[str]:
     """Every word the captions use, in caption-like lines, for learning the tokenizer's vocabulary."""
     lines = []

@@ -1,0 +1,109 @@
+"""The lighter shapes UNet, end to end: prune, distill for 10 and 30 minutes, and the adherence of each.
+
+    .venv/bin/python bench/lighten.py [--work /tmp/sdlite-lighten] [--threads 1] [--minutes 10,30]
+
+Every step runs the real command (printed before it runs) and is skipped when its output exists, so the
+script can be rerun after an interruption:
+
+1. prompts   512 distillation prompts (`sdlite.train.shapes.distill_prompts`: combinations seen in
+             training only; the bench's held-out combinations stay unseen)
+2. prune     sdlite prune SHAPES WORK/pruned --target 0.3 --importance output --prompts (the first 16)
+3. distill   a copy of WORK/pruned distilled with `--threads 1` until 10 minutes (copied to
+             WORK/distilled-10), then resumed until 30 (WORK/distilled-30)
+4. adherence bench/adherence.py (200 prompts, DPM++ 2M 20 steps, cfg 7.5) on the teacher, the pruned
+             model and each distilled one: one JSON line each, in WORK/adherence.jsonl
+
+Then one JSON line per model with its UNet parameters and the adherence ("all named attributes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "src" / "sdlite" / "assets" / "sdlite-shapes"
+PY = sys.executable
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    subprocess.run([str(c) for c in cmd], check=True)
+
+
+def unet_params(folder: Path) -> int:
+    from sdlite.weights.sources import open_model
+    with open_model(folder).part("unet").open_weights() as w:
+        return sum(t.numel() for k in w.keys() for t in [w[k]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/sdlite-lighten"))
+    p.add_argument("--threads", type=int, default=1, help="distillation threads (1: reproducible)")
+    p.add_argument("--adherence-threads", type=int, default=2)
+    p.add_argument("--minutes", default="10,30", help="distillation totals to keep a copy at")
+    p.add_argument("--target", default="0.3", help="fraction of UNet parameters to remove")
+    p.add_argument("-n", type=int, default=200, help="adherence prompts")
+    p.add_argument("--skip-adherence", action="store_true")
+    a = p.parse_args(argv)
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    sdlite = [PY, "-m", "sdlite"]
+
+    prompts = work / "prompts.txt"
+    if not prompts.exists():
+        from sdlite.train.shapes import distill_prompts
+        prompts.write_text("\n".join(distill_prompts(512)) + "\n", encoding="utf-8")
+        (work / "probe.txt").write_text("\n".join(distill_prompts(512)[:16]) + "\n", encoding="utf-8")
+    pruned = work / "pruned"
+    if not pruned.exists():
+        run(sdlite + ["prune", SHAPES, pruned, "--target", a.target, "--importance", "output",
+                      "--prompts", work / "probe.txt"])
+    live = work / "distilling"
+    marks = [float(m) for m in a.minutes.split(",")]
+    models = {"teacher": SHAPES, "pruned": pruned}
+    for m in marks:
+        out = work / f"distilled-{m:g}"
+        models[f"distilled {m:g} min"] = out
+        if out.exists():
+            continue
+        if not live.exists():
+            shutil.copytree(pruned, live)
+        run(sdlite + ["distill", live, "--teacher", SHAPES, "--prompts", prompts, "--minutes", f"{m:g}",
+                      "--threads", str(a.threads)])
+        shutil.copytree(live, out, ignore=shutil.ignore_patterns("distill"))
+    jsonl = work / "adherence.jsonl"
+    done = {}
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done[r["label"]] = r
+    for name, folder in models.items():
+        if a.skip_adherence or name in done:
+            continue
+        run([PY, ROOT / "bench" / "adherence.py", "-m", folder, "-n", str(a.n), "--threads",
+             str(a.adherence_threads), "--jsonl", jsonl, "--label", name])
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done[r["label"]] = r
+    for name, folder in models.items():
+        row = {"bench": "lighten", "model": name, "folder": str(folder), "unet_params": unet_params(folder)}
+        distill = folder / "sdlite_distill.json"
+        if distill.exists():
+            d = json.loads(distill.read_text())
+            row.update(distill_steps=d["steps"], distill_minutes=d["minutes"], distill_threads=d["threads"])
+        if name in done:
+            row.update(adherence_all=done[name]["all"]["all"], held_out_all=done[name]["held_out"]["all"],
+                       seconds_per_image=done[name]["seconds_per_image"])
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
