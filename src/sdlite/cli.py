@@ -835,7 +835,7 @@ def add_lighten_parsers(sub) -> None:
     p.add_argument("--drop", action="append", choices=DROPS, default=None,
                    help="remove these instead of the recipe's (repeatable)")
     p.add_argument("--target", type=fraction, default=None, metavar="F",
-                   help="instead: remove the least important blocks until this fraction of the UNet's "
+                   help="instead: remove the least important blocks (per parameter) until this fraction of the UNet's "
                         "parameters is gone (e.g. 0.3)")
     p.add_argument("--importance", choices=IMPORTANCE, default="l1",
                    help="which blocks go first: l1 = smallest mean |weight|; output = smallest measured change "

@@ -20,7 +20,8 @@ weight's shape (the first resnet of a stage changes the width, so it often must 
 
     l1      the mean absolute weight of the unit's tensors (weight-magnitude pruning): smallest goes first
     output  the measured change of the UNet's output when the unit is removed (the relative L2 change
-            of the noise prediction on the prompts given, at several timesteps): smallest goes first
+            of the noise prediction on the prompts given, at several timesteps): with `--target`, the
+            smallest change per parameter removed goes first, measured again after each removal
 
 The weights of everything that stays are copied unchanged (renumbered where a resnet before them went).
 """
@@ -229,7 +230,8 @@ def plan_pruning(base: dict, weights: dict[str, torch.Tensor], drops=("mid", "la
 
     `drops` (DROPS): the recipe's kinds of unit ("layers": one resnet fewer in every stage that can lose
     one; "inner-attentions": the innermost stage's attentions, down and up). `target` (0..1) instead:
-    remove the least important units, one at a time, until that fraction of the UNet's parameters is gone.
+    remove units one at a time, the least importance per parameter first (importances measured again
+    after each removal), until that fraction of the UNet's parameters is gone.
     `importance`: "l1" or "output" (needs `probe`). Raises SdliteError for an unknown drop or importance, or
     a target no sequence of units reaches."""
     if importance not in IMPORTANCE:
@@ -262,7 +264,11 @@ def plan_pruning(base: dict, weights: dict[str, torch.Tensor], drops=("mid", "la
             if not units:
                 raise SdliteError(f"no more blocks can be removed: {sum(r['params'] for r in records) / total:.0%} "
                                   f"of the parameters is the most this UNet can lose this way")
-            scored = sorted(((score(u, layout), i, u) for i, u in enumerate(units)), key=lambda s: s[:2])
+            # the least importance per parameter removed first (a knapsack's greedy order): a big block that
+            # barely matters goes before a small one that matters a little ("l1" is a per-parameter mean already)
+            def per_param(s):
+                return s[0] if importance == "l1" else s[0] / max(unit_params(s[2], layout, shapes), 1)
+            scored = sorted(((score(u, layout), i, u) for i, u in enumerate(units)), key=lambda s: (per_param(s), s[1]))
             take(scored[0][2], scored[0][0])
         return layout, records
     n = len(layout.down)
