@@ -141,13 +141,19 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def update_card(card: Path, rows: list[dict], note: str) -> None:
+def update_card(card: Path, rows: list[dict], note: str, keep_note: str | None = None) -> None:
+    """Rewrite the table between the card's markers; `keep_note`: keep the note written there before, with
+    this sentence added (when it is not there yet), instead of the generic `note`."""
     begin, end = "<!-- adherence:begin -->", "<!-- adherence:end -->"
     text = card.read_text(encoding="utf-8")
     if begin not in text or end not in text:
         raise SystemExit(f"{card}: no {begin} ... {end} markers")
     pre, rest = text.split(begin, 1)
-    _, post = rest.split(end, 1)
+    old, post = rest.split(end, 1)
+    if keep_note is not None:
+        note = old.split("\n| configuration", 1)[0].strip()
+        if keep_note not in note:
+            note += " " + keep_note
     card.write_text(pre + begin + "\n" + note + "\n\n" + table(rows) + end + post, encoding="utf-8")
 
 
@@ -177,6 +183,7 @@ def main(argv=None) -> int:
                    help="where converted weight folders go")
     p.add_argument("--card", type=Path, help="with --matrix: model card whose table to rewrite")
     p.add_argument("--jsonl", type=Path, help="append the JSON lines here too")
+    p.add_argument("--keep-note", metavar="SENTENCE", help="with --card: keep the card's note, adding this sentence")
     a = p.parse_args(argv)
 
     rows = []
@@ -209,7 +216,7 @@ def main(argv=None) -> int:
                 f"the first {CAPPED['fp16-compute']} prompts. The first columns are prompts whose "
                 "(color, kind, background) combination was seen in training; then held-out combinations. "
                 "Position and size count only prompts that name them; *all* = every named attribute right.")
-        update_card(a.card, merged, note)
+        update_card(a.card, merged, note, a.keep_note)
     print(f"# {len(rows)} configurations in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

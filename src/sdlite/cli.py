@@ -842,6 +842,8 @@ def add_lighten_parsers(sub) -> None:
                         "of the UNet's output on --prompts")
     p.add_argument("--prompts", metavar="FILE", default=None, help="prompts, one per line (--importance output)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip timing both UNets (s/step and peak memory, each in a fresh process)")
 
     d = sub.add_parser("distill", help="teach a pruned UNet from the original, without a dataset (resumable)",
                        formatter_class=HelpFormatter)
@@ -881,6 +883,12 @@ def cmd_prune(args) -> int:
     before, after = report["params_before"], report["params_after"]
     print(f"UNet: {before:,} -> {after:,} parameters ({report['params_removed']:.1%} fewer), "
           f"{report['bytes_before'] / 2**20:.1f} -> {report['bytes_after'] / 2**20:.1f} MiB")
+    if not args.no_measure:
+        from .train.prune import measure_unet
+        a, b = measure_unet(args.src, args.threads), measure_unet(args.dst, args.threads)
+        print(f"UNet call at batch 2, {a['size']}x{a['size']}, {a['threads']} threads: {a['s_per_step']:.3f} -> "
+              f"{b['s_per_step']:.3f} s/step ({b['s_per_step'] / a['s_per_step']:.2f}x); peak RSS of a process "
+              f"that loads the model and runs it: {a['peak_rss'] / 2**20:.0f} -> {b['peak_rss'] / 2**20:.0f} MiB")
     print(f"{args.dst} (distill it: sdlite distill {args.dst} --teacher {args.src} --prompts FILE --minutes N)")
     return 0
 

@@ -198,7 +198,8 @@ def test_cli_prune_and_distill(tiny_model, tmp_path, capsys):
     assert main(["prune", str(tiny_model), str(dst)]) == 0
     out = capsys.readouterr().out
     assert "removed mid" in out and "fewer)" in out
-    assert main(["prune", str(tiny_model), str(dst)]) == 2
+    assert "s/step" in out and "peak RSS" in out  # both UNets timed, each in a fresh process
+    assert main(["prune", str(tiny_model), str(dst), "--no-measure"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["prune", str(tiny_model), str(tmp_path / "x"), "--importance", "output"]) == 2
     assert "--prompts" in capsys.readouterr().err

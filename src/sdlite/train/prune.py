@@ -370,3 +370,54 @@ def _why_nothing(base: dict) -> str:
     if max(layers) < 2:
         parts.append("every down block has one resnet already (the fewest the diffusers config can express)")
     return "; ".join(parts) or "the chosen removals do not apply to this UNet"
+
+
+# --- before / after: s/step and peak memory, each model in a fresh process ---------------------------
+
+def measure_unet(folder: str | Path, threads: int | None = None, calls: int = 3) -> dict:
+    """s per UNet call at batch 2 (classifier-free guidance as one batch) at the model's native size, fp32,
+    median of `calls` after a warm-up, and the process's peak RSS (VmHWM: anonymous memory plus the mapped
+    weights read), measured in a fresh Python process so that nothing else is counted. RuntimeError when
+    the child fails."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "sdlite.train.prune", "--measure", str(folder), str(calls)]
+    if threads:
+        cmd.append(str(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring {folder} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_child(folder: str, calls: int, threads: int | None) -> dict:
+    import statistics
+
+    from ..pipeline import Pipeline
+    pipe = Pipeline.load(folder, precision="fp32", threads=threads)
+    unet = pipe.unet.module
+    f = pipe.vae_scale_factor
+    size = pipe.native_size // f
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, pipe.latent_channels, size, size), generator=gen)
+    context = torch.randn((2, 77, pipe.unet_config.cross_attention_dim), generator=gen)
+    times = []
+    with torch.inference_mode():
+        for i in range(calls + 1):
+            t0 = time.perf_counter()
+            unet(x, torch.tensor(500.0), context)
+            if i:
+                times.append(time.perf_counter() - t0)
+    peak = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return {"s_per_step": round(statistics.median(times), 4), "peak_rss": peak, "size": pipe.native_size,
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) >= 4 and sys.argv[1] == "--measure":
+        print(json.dumps(_measure_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)))
