@@ -41,6 +41,47 @@ def unet_params(folder: Path) -> int:
         return sum(t.numel() for k in w.keys() for t in [w[k]])
 
 
+def make_models(work: Path, a) -> dict[str, Path]:
+    """Steps 1-3: the prompts, the pruned model, the distilled copies; {row name: folder}."""
+    sdlite = [PY, "-m", "sdlite"]
+    prompts = work / "prompts.txt"
+    if not prompts.exists():
+        from sdlite.train.shapes import distill_prompts
+        prompts.write_text("\n".join(distill_prompts(512)) + "\n", encoding="utf-8")
+        (work / "probe.txt").write_text("\n".join(distill_prompts(512)[:16]) + "\n", encoding="utf-8")
+    pruned = work / "pruned"
+    if not pruned.exists():
+        run(sdlite + ["prune", SHAPES, pruned, "--target", a.target, "--importance", "output",
+                      "--prompts", work / "probe.txt"])
+    live = work / "distilling"
+    models = {"teacher": SHAPES, "pruned": pruned}
+    for m in [float(m) for m in a.minutes.split(",")]:
+        out = work / f"distilled-{m:g}"
+        models[f"distilled {m:g} min"] = out
+        if out.exists():
+            continue
+        if not live.exists():
+            shutil.copytree(pruned, live)
+        run(sdlite + ["distill", live, "--teacher", SHAPES, "--prompts", prompts, "--minutes", f"{m:g}",
+                      "--threads", str(a.threads)])
+        shutil.copytree(live, out, ignore=shutil.ignore_patterns("distill"))
+    return models
+
+
+def adherence_rows(work: Path, models: dict[str, Path], a) -> dict[str, dict]:
+    """Step 4: bench/adherence.py on each model not measured yet; {row name: its JSON row}."""
+    jsonl = work / "adherence.jsonl"
+
+    def read() -> dict:
+        return {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())} if jsonl.exists() else {}
+    done = read()
+    for name, folder in models.items():
+        if not a.skip_adherence and name not in done:
+            run([PY, ROOT / "bench" / "adherence.py", "-m", folder, "-n", str(a.n), "--threads",
+                 str(a.adherence_threads), "--jsonl", jsonl, "--label", name])
+    return read()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/sdlite-lighten"))
@@ -54,45 +95,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
-    sdlite = [PY, "-m", "sdlite"]
-
-    prompts = work / "prompts.txt"
-    if not prompts.exists():
-        from sdlite.train.shapes import distill_prompts
-        prompts.write_text("\n".join(distill_prompts(512)) + "\n", encoding="utf-8")
-        (work / "probe.txt").write_text("\n".join(distill_prompts(512)[:16]) + "\n", encoding="utf-8")
-    pruned = work / "pruned"
-    if not pruned.exists():
-        run(sdlite + ["prune", SHAPES, pruned, "--target", a.target, "--importance", "output",
-                      "--prompts", work / "probe.txt"])
-    live = work / "distilling"
-    marks = [float(m) for m in a.minutes.split(",")]
-    models = {"teacher": SHAPES, "pruned": pruned}
-    for m in marks:
-        out = work / f"distilled-{m:g}"
-        models[f"distilled {m:g} min"] = out
-        if out.exists():
-            continue
-        if not live.exists():
-            shutil.copytree(pruned, live)
-        run(sdlite + ["distill", live, "--teacher", SHAPES, "--prompts", prompts, "--minutes", f"{m:g}",
-                      "--threads", str(a.threads)])
-        shutil.copytree(live, out, ignore=shutil.ignore_patterns("distill"))
-    jsonl = work / "adherence.jsonl"
-    done = {}
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
-            r = json.loads(line)
-            done[r["label"]] = r
-    for name, folder in models.items():
-        if a.skip_adherence or name in done:
-            continue
-        run([PY, ROOT / "bench" / "adherence.py", "-m", folder, "-n", str(a.n), "--threads",
-             str(a.adherence_threads), "--jsonl", jsonl, "--label", name])
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
-            r = json.loads(line)
-            done[r["label"]] = r
+    models = make_models(work, a)
+    done = adherence_rows(work, models, a)
     rows = []
     for name, folder in models.items():
         row = {"bench": "lighten", "model": name, "folder": str(folder), "unet_params": unet_params(folder)}

@@ -223,69 +223,89 @@ def pruned_state(layout: Layout, weights: dict[str, torch.Tensor], keys) -> dict
     return {k: weights[layout.source_of(k)] for k in keys}
 
 
+class _Pruner:
+    """The removals in order, with their records (see `plan_pruning`)."""
+
+    def __init__(self, base: dict, weights: dict[str, torch.Tensor], importance: str, probe: OutputProbe | None):
+        self.base, self.weights, self.importance, self.probe = base, weights, importance, probe
+        self.shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        self.layout = Layout.of(config_from_dict(UNetConfig, base))
+        self.total = sum(math.prod(s) for s in self.shapes.values())
+        self.records: list[dict] = []
+
+    def score(self, unit: Unit) -> float:
+        if self.importance == "output":
+            return self.probe(unit, self.layout)
+        return l1_importance(unit, self.layout, self.weights)
+
+    def per_param(self, unit: Unit, value: float) -> float:
+        """"output" per parameter removed; "l1" is a per-parameter mean already."""
+        return value if self.importance == "l1" else value / max(unit_params(unit, self.layout, self.shapes), 1)
+
+    def take(self, unit: Unit, value: float) -> None:
+        self.records.append({"unit": unit.name, "params": unit_params(unit, self.layout, self.shapes),
+                             f"importance_{self.importance}": round(value, 6)})
+        self.layout = unit.apply(self.layout)
+
+    def removed(self) -> int:
+        return sum(r["params"] for r in self.records)
+
+    def to_target(self, target: float) -> None:
+        """The least importance per parameter removed first (a knapsack's greedy order: a big block that
+        barely matters goes before a small one that matters a little), measured again after each removal."""
+        if not 0 < target < 1:
+            raise SdliteError(f"--target must be between 0 and 1 (a fraction of the parameters), got {target}")
+        while self.removed() < target * self.total:
+            units = candidate_units(self.layout, self.base, self.shapes)
+            if not units:
+                raise SdliteError(f"no more blocks can be removed: {self.removed() / self.total:.0%} of the "
+                                  "parameters is the most this UNet can lose this way")
+            scored = [(self.score(u), i, u) for i, u in enumerate(units)]
+            value, _, unit = min(scored, key=lambda s: (self.per_param(s[2], s[0]), s[1]))
+            self.take(unit, value)
+
+    def recipe(self, drops) -> None:
+        n = len(self.layout.down)
+        if "mid" in drops and self.layout.mid:
+            self.take(Unit("mid", "mid"), self.score(Unit("mid", "mid")))
+        if "inner-attentions" in drops:
+            for unit in (Unit(f"down_blocks.{n - 1}.attentions", "attentions", n - 1),
+                         Unit("up_blocks.0.attentions", "attentions", 0, up=True)):
+                if (self.layout.up_attn if unit.up else self.layout.down_attn)[unit.block]:
+                    self.take(unit, self.score(unit))
+        if "layers" in drops:
+            for i in range(n):
+                units = [u for u in candidate_units(self.layout, self.base, self.shapes)
+                         if u.kind == "layer" and u.block == i]
+                if units:
+                    value, _, unit = min(((self.score(u), j, u) for j, u in enumerate(units)), key=lambda s: s[:2])
+                    self.take(unit, value)
+
+
 def plan_pruning(base: dict, weights: dict[str, torch.Tensor], drops=("mid", "layers"), *,
                  target: float | None = None, importance: str = "l1", probe: OutputProbe | None = None
                  ) -> tuple[Layout, list[dict]]:
     """The layout to keep, and one record per removed unit (name, parameters, importance).
 
     `drops` (DROPS): the recipe's kinds of unit ("layers": one resnet fewer in every stage that can lose
-    one; "inner-attentions": the innermost stage's attentions, down and up). `target` (0..1) instead:
-    remove units one at a time, the least importance per parameter first (importances measured again
-    after each removal), until that fraction of the UNet's parameters is gone.
-    `importance`: "l1" or "output" (needs `probe`). Raises SdliteError for an unknown drop or importance, or
-    a target no sequence of units reaches."""
+    one, the least important of the shape-keeping choices; "inner-attentions": the innermost stage's
+    attentions, down and up). `target` (0..1) instead: remove units one at a time, the least importance per
+    parameter first (importances measured again after each removal), until that fraction of the UNet's
+    parameters is gone. `importance`: "l1" or "output" (needs `probe`). Raises SdliteError for an unknown
+    drop or importance, or a target no sequence of units reaches."""
     if importance not in IMPORTANCE:
         raise SdliteError(f"importance must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
     if importance == "output" and probe is None:
         raise SdliteError("importance 'output' needs prompts to measure on")
-    for d in drops:
-        if d not in DROPS:
-            raise SdliteError(f"unknown removal {d!r} (one of {', '.join(DROPS)})")
-    shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    layout = Layout.of(config_from_dict(UNetConfig, base))
-    total = sum(math.prod(s) for s in shapes.values())
-
-    def score(unit: Unit, at: Layout) -> float:
-        return probe(unit, at) if importance == "output" else l1_importance(unit, at, weights)
-
-    records = []
-
-    def take(unit: Unit, value: float) -> None:
-        nonlocal layout
-        records.append({"unit": unit.name, "params": unit_params(unit, layout, shapes),
-                        f"importance_{importance}": round(value, 6)})
-        layout = unit.apply(layout)
-
+    unknown = [d for d in drops if d not in DROPS]
+    if unknown:
+        raise SdliteError(f"unknown removal {unknown[0]!r} (one of {', '.join(DROPS)})")
+    pruner = _Pruner(base, weights, importance, probe)
     if target is not None:
-        if not 0 < target < 1:
-            raise SdliteError(f"--target must be between 0 and 1 (a fraction of the parameters), got {target}")
-        while sum(r["params"] for r in records) < target * total:
-            units = candidate_units(layout, base, shapes)
-            if not units:
-                raise SdliteError(f"no more blocks can be removed: {sum(r['params'] for r in records) / total:.0%} "
-                                  f"of the parameters is the most this UNet can lose this way")
-            # the least importance per parameter removed first (a knapsack's greedy order): a big block that
-            # barely matters goes before a small one that matters a little ("l1" is a per-parameter mean already)
-            def per_param(s):
-                return s[0] if importance == "l1" else s[0] / max(unit_params(s[2], layout, shapes), 1)
-            scored = sorted(((score(u, layout), i, u) for i, u in enumerate(units)), key=lambda s: (per_param(s), s[1]))
-            take(scored[0][2], scored[0][0])
-        return layout, records
-    n = len(layout.down)
-    if "mid" in drops and layout.mid:
-        take(Unit("mid", "mid"), score(Unit("mid", "mid"), layout))
-    if "inner-attentions" in drops:
-        for unit in (Unit(f"down_blocks.{n - 1}.attentions", "attentions", n - 1),
-                     Unit("up_blocks.0.attentions", "attentions", 0, up=True)):
-            if (layout.up_attn if unit.up else layout.down_attn)[unit.block]:
-                take(unit, score(unit, layout))
-    if "layers" in drops:
-        for i in range(n):
-            units = [u for u in candidate_units(layout, base, shapes) if u.kind == "layer" and u.block == i]
-            if units:
-                best = min(((score(u, layout), j, u) for j, u in enumerate(units)), key=lambda s: s[:2])
-                take(best[2], best[0])
-    return layout, records
+        pruner.to_target(target)
+    else:
+        pruner.recipe(drops)
+    return pruner.layout, pruner.records
 
 
 def probe_samples(folder, prompts: list[str], seed: int = 0, timesteps=(900, 600, 300, 100)) -> list:
