@@ -83,6 +83,19 @@ def rss() -> RSS:
     return RSS(anon, file)
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: anonymous memory plus the file pages it mapped and read),
+    bytes; 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Cgroup:
     """The memory cgroup of this process (v1 or v2), or None where there is none we can read."""
 

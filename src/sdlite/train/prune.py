@@ -428,12 +428,8 @@ def _measure_child(folder: str, calls: int, threads: int | None) -> dict:
             unet(x, torch.tensor(500.0), context)
             if i:
                 times.append(time.perf_counter() - t0)
-    peak = 0
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return {"s_per_step": round(statistics.median(times), 4), "peak_rss": peak, "size": pipe.native_size,
+    from ..runtime.memory import peak_rss
+    return {"s_per_step": round(statistics.median(times), 4), "peak_rss": peak_rss(), "size": pipe.native_size,
             "threads": torch.get_num_threads()}
 
 
