@@ -832,8 +832,9 @@ def add_lighten_parsers(sub) -> None:
                    help="what to remove: bk-sdm-small = the mid block and one resnet+attention per stage; "
                         "bk-sdm-base = one resnet+attention per stage; no-mid; inner-attentions = the innermost "
                         "stage's attentions (down and up)")
-    p.add_argument("--drop", action="append", choices=DROPS, default=None,
-                   help="remove these instead of the recipe's (repeatable)")
+    p.add_argument("--drop", action="append", default=None, metavar="WHAT",
+                   help=f"remove these instead of the recipe's (repeatable): {', '.join(DROPS)}, or one block's "
+                        "attentions (down_blocks.I.attentions, up_blocks.J.attentions)")
     p.add_argument("--target", type=fraction, default=None, metavar="F",
                    help="instead: remove the least important blocks (per parameter) until this fraction of the UNet's "
                         "parameters is gone (e.g. 0.3)")

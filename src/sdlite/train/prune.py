@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ RECIPES = {
     "no-mid": ("mid",),
     "inner-attentions": ("inner-attentions",),
 }
-DROPS = ("mid", "layers", "inner-attentions")
+DROPS = ("mid", "layers", "inner-attentions")  # and any block's attentions by name: "up_blocks.1.attentions"
+BLOCK_ATTENTIONS = re.compile(r"(down|up)_blocks\.(\d+)\.attentions")
 IMPORTANCE = ("l1", "output")
 
 
@@ -264,15 +266,28 @@ class _Pruner:
             value, _, unit = min(scored, key=lambda s: (self.per_param(s[2], s[0]), s[1]))
             self.take(unit, value)
 
+    def attentions(self, name: str) -> None:
+        """Remove the attentions of the block `name` ("down_blocks.I.attentions"); SdliteError when it has
+        none or there is no such block."""
+        kind, i = BLOCK_ATTENTIONS.fullmatch(name).groups()
+        flags = self.layout.up_attn if kind == "up" else self.layout.down_attn
+        if int(i) >= len(flags) or not flags[int(i)]:
+            raise SdliteError(f"{name}: this UNet has no such attentions (its blocks with attentions: "
+                              f"{', '.join(u.name for u in candidate_units(self.layout, self.base, self.shapes) if u.kind == 'attentions') or 'none'})")
+        unit = Unit(name, "attentions", int(i), up=kind == "up")
+        self.take(unit, self.score(unit))
+
     def recipe(self, drops) -> None:
         n = len(self.layout.down)
         if "mid" in drops and self.layout.mid:
             self.take(Unit("mid", "mid"), self.score(Unit("mid", "mid")))
         if "inner-attentions" in drops:
-            for unit in (Unit(f"down_blocks.{n - 1}.attentions", "attentions", n - 1),
-                         Unit("up_blocks.0.attentions", "attentions", 0, up=True)):
-                if (self.layout.up_attn if unit.up else self.layout.down_attn)[unit.block]:
-                    self.take(unit, self.score(unit))
+            for name in (f"down_blocks.{n - 1}.attentions", "up_blocks.0.attentions"):
+                kind = self.layout.up_attn if name.startswith("up") else self.layout.down_attn
+                if kind[int(name.split(".")[1])]:
+                    self.attentions(name)
+        for name in [d for d in drops if BLOCK_ATTENTIONS.fullmatch(d)]:
+            self.attentions(name)
         if "layers" in drops:
             for i in range(n):
                 units = [u for u in candidate_units(self.layout, self.base, self.shapes)
@@ -289,7 +304,7 @@ def plan_pruning(base: dict, weights: dict[str, torch.Tensor], drops=("mid", "la
 
     `drops` (DROPS): the recipe's kinds of unit ("layers": one resnet fewer in every stage that can lose
     one, the least important of the shape-keeping choices; "inner-attentions": the innermost stage's
-    attentions, down and up). `target` (0..1) instead: remove units one at a time, the least importance per
+    attentions, down and up; "down_blocks.I.attentions" / "up_blocks.J.attentions": that block's). `target` (0..1) instead: remove units one at a time, the least importance per
     parameter first (importances measured again after each removal), until that fraction of the UNet's
     parameters is gone. `importance`: "l1" or "output" (needs `probe`). Raises SdliteError for an unknown
     drop or importance, or a target no sequence of units reaches."""
@@ -297,9 +312,10 @@ def plan_pruning(base: dict, weights: dict[str, torch.Tensor], drops=("mid", "la
         raise SdliteError(f"importance must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
     if importance == "output" and probe is None:
         raise SdliteError("importance 'output' needs prompts to measure on")
-    unknown = [d for d in drops if d not in DROPS]
+    unknown = [d for d in drops if d not in DROPS and not BLOCK_ATTENTIONS.fullmatch(d)]
     if unknown:
-        raise SdliteError(f"unknown removal {unknown[0]!r} (one of {', '.join(DROPS)})")
+        raise SdliteError(f"unknown removal {unknown[0]!r} (one of {', '.join(DROPS)}, or a block's attentions: "
+                          "down_blocks.I.attentions / up_blocks.J.attentions)")
     pruner = _Pruner(base, weights, importance, probe)
     if target is not None:
         pruner.to_target(target)
