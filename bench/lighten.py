@@ -1,19 +1,24 @@
 """The lighter shapes UNet, end to end: prune, distill for 10 and 30 minutes, and the adherence of each.
 
-    .venv/bin/python bench/lighten.py [--work /tmp/sdlite-lighten] [--threads 1] [--minutes 10,30]
+    .venv/bin/python bench/lighten.py [--work /tmp/sdlite-lighten] [--threads 1] [--minutes 10,30] \
+        [--prune "--drop mid --drop up_blocks.0.attentions --drop down_blocks.1.attentions"] [--card CARD]
 
 Every step runs the real command (printed before it runs) and is skipped when its output exists, so the
 script can be rerun after an interruption:
 
 1. prompts   512 distillation prompts (`sdlite.train.shapes.distill_prompts`: combinations seen in
              training only; the bench's held-out combinations stay unseen)
-2. prune     sdlite prune SHAPES WORK/pruned --target 0.3 --importance output --prompts (the first 16)
+2. prune     sdlite prune SHAPES WORK/pruned with `--prune`'s options (default: the mid block and the
+             attentions of up block 0 and down block 1, 31.7 % of the parameters; `--prune "--target 0.3
+             --importance output"` lets the output importance on the first 16 prompts choose)
 3. distill   a copy of WORK/pruned distilled with `--threads 1` until 10 minutes (copied to
              WORK/distilled-10), then resumed until 30 (WORK/distilled-30)
 4. adherence bench/adherence.py (200 prompts, DPM++ 2M 20 steps, cfg 7.5) on the teacher, the pruned
              model and each distilled one: one JSON line each, in WORK/adherence.jsonl
 
-Then one JSON line per model with its UNet parameters and the adherence ("all named attributes").
+Then one JSON line per model with its UNet parameters and the adherence ("all named attributes"). With
+`--card`, the rows join those of earlier runs (other `--prune` options) in `lighten.json` beside the card,
+and the card's <!-- lighten:begin/end --> table is rewritten from them.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def make_models(work: Path, a) -> dict[str, Path]:
         (work / "probe.txt").write_text("\n".join(distill_prompts(512)[:16]) + "\n", encoding="utf-8")
     pruned = work / "pruned"
     if not pruned.exists():
-        run(sdlite + ["prune", SHAPES, pruned, "--target", a.target, "--importance", "output",
-                      "--prompts", work / "probe.txt"])
+        extra = a.prune.split()
+        if "--importance" in extra:
+            extra += ["--prompts", str(work / "probe.txt")]
+        run(sdlite + ["prune", SHAPES, pruned, "--no-measure", *extra])
     live = work / "distilling"
     models = {"teacher": SHAPES, "pruned": pruned}
     for m in [float(m) for m in a.minutes.split(",")]:
@@ -88,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="distillation threads (1: reproducible)")
     p.add_argument("--adherence-threads", type=int, default=2)
     p.add_argument("--minutes", default="10,30", help="distillation totals to keep a copy at")
-    p.add_argument("--target", default="0.3", help="fraction of UNet parameters to remove")
+    p.add_argument("--prune", default="--drop mid --drop up_blocks.0.attentions --drop down_blocks.1.attentions",
+                   help="the options of sdlite prune")
     p.add_argument("-n", type=int, default=200, help="adherence prompts")
     p.add_argument("--skip-adherence", action="store_true")
     p.add_argument("--card", type=Path, help="model card whose <!-- lighten:begin/end --> table to rewrite")
@@ -99,14 +107,16 @@ def main(argv=None) -> int:
     done = adherence_rows(work, models, a)
     rows = []
     for name, folder in models.items():
-        row = {"bench": "lighten", "model": name, "folder": str(folder), "unet_params": unet_params(folder)}
+        row = {"bench": "lighten", "prune": a.prune if name != "teacher" else "", "model": name,
+               "folder": str(folder), "unet_params": unet_params(folder)}
         distill = folder / "sdlite_distill.json"
         if distill.exists():
             d = json.loads(distill.read_text())
             row.update(distill_steps=d["steps"], distill_minutes=d["minutes"], distill_threads=d["threads"])
         if name in done:
             row.update(adherence_all=done[name]["all"]["all"], held_out_all=done[name]["held_out"]["all"],
-                       seen_all=done[name]["seen"]["all"], seconds_per_image=done[name]["seconds_per_image"])
+                       seen_all=done[name]["seen"]["all"], position=done[name]["all"]["position"],
+                       seconds_per_image=done[name]["seconds_per_image"])
         print(json.dumps(row), flush=True)
         rows.append(row)
     if a.card:
@@ -115,27 +125,37 @@ def main(argv=None) -> int:
 
 
 def write_card(card: Path, rows: list[dict], work: Path, a) -> None:
+    """Merge `rows` into lighten.json beside the card (by prune options and model) and rewrite the table."""
     begin, end = "<!-- lighten:begin -->", "<!-- lighten:end -->"
     text = card.read_text(encoding="utf-8")
     if begin not in text or end not in text:
         raise SystemExit(f"{card}: no {begin} ... {end} markers")
-    teacher = rows[0]["unet_params"]
-    pruned = json.loads((work / "pruned" / "sdlite_pruned.json").read_text())
-    removed = ", ".join(r["unit"] for r in pruned["removed"])
-    lines = ["| UNet | parameters | distillation | all named attributes: all / seen / held-out | s/image |",
-             "|---|---|---|---|---|"]
+    store = card.parent / "lighten.json"
+    merged = {(r["prune"], r["model"]): r for r in (json.loads(store.read_text()) if store.exists() else [])}
+    pruned = work / "pruned" / "sdlite_pruned.json"
     for r in rows:
+        if r["prune"] and pruned.exists():
+            r["removed"] = [x["unit"] for x in json.loads(pruned.read_text())["removed"]]
+        merged[(r["prune"], r["model"])] = {k: v for k, v in r.items() if k != "folder"}
+    ordered = sorted(merged.values(), key=lambda r: (r["prune"] != "", r["prune"], r["model"] != "pruned", r["model"]))
+    store.write_text(json.dumps(ordered, indent=1) + "\n")
+    teacher = next(r["unet_params"] for r in ordered if not r["prune"])
+    lines = ["| pruned with | UNet parameters | distillation | all named attributes: all / seen / held-out | "
+             "position | s/image |", "|---|---|---|---|---|---|"]
+    for r in ordered:
+        what = "(the teacher)" if not r["prune"] else f"`{r['prune']}` (removed: {', '.join(r.get('removed', []))})"
         params = f"{r['unet_params']:,}" + ("" if r["unet_params"] == teacher else
                                            f" ({1 - r['unet_params'] / teacher:.1%} fewer)")
-        dist = (f"{r['distill_minutes']:g} min, {r['distill_steps']} steps, {r['distill_threads']} thread"
-                if "distill_steps" in r else "-")
+        dist = (f"{r['distill_minutes']:g} min, {r['distill_steps']} steps" if "distill_steps" in r
+                else ("none" if r["prune"] else "-"))
         acc = (f"{100 * r['adherence_all']:.1f} / {100 * r['seen_all']:.1f} / {100 * r['held_out_all']:.1f}"
-               if "adherence_all" in r else "-")
-        lines.append(f"| {r['model']} | {params} | {dist} | {acc} | {r.get('seconds_per_image', '-')} |")
-    note = (f"`python bench/lighten.py --card {card}` (prune with `--target {a.target} --importance output`, "
-            f"which removed: {removed}; distillation on 512 prompts of seen combinations, batch 16, AdamW 2e-4, "
-            f"{a.threads} thread; adherence: 200 prompts, DPM++ 2M 20 steps, cfg 7.5, {a.adherence_threads} "
-            "threads). Accuracies in %.")
+               if "adherence_all" in r else "not measured")
+        pos = f"{100 * r['position']:.1f}" if r.get("position") is not None else "-"
+        lines.append(f"| {what} | {params} | {dist} | {acc} | {pos} | {r.get('seconds_per_image', '-')} |")
+    note = (f"`python bench/lighten.py --prune \"OPTIONS\" --card {card}` (distillation: 512 prompts of seen "
+            f"combinations, batch 16, AdamW 2e-4, {a.threads} thread, the teacher's latents drawn first and counted "
+            "in the minutes; adherence: 200 prompts, DPM++ 2M 20 steps, cfg 7.5). Accuracies in %; *position* "
+            "counts the prompts that name one.")
     card.write_text(text.split(begin)[0] + begin + "\n" + note + "\n\n" + "\n".join(lines) + "\n" + end
                     + text.split(end, 1)[1], encoding="utf-8")
 

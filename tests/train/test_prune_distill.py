@@ -211,3 +211,16 @@ def test_cli_prune_and_distill(tiny_model, tmp_path, capsys):
     assert main(["distill", str(dst), "--teacher", str(tiny_model), "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "--minutes" in capsys.readouterr().err
     torch.set_num_threads(2)
+
+
+def test_drop_names_a_block_s_attentions(tiny_model, tmp_path):
+    report = prune_model(tiny_model, tmp_path / "a", ("up_blocks.2.attentions",))
+    cfg = _config(tmp_path / "a")
+    assert cfg["up_block_types"][2] == "UpBlock2D" and cfg["down_block_types"][0] == "CrossAttnDownBlock2D"
+    assert [r["unit"] for r in report["removed"]] == ["up_blocks.2.attentions"]
+    assert not any(k.startswith("up_blocks.2.attentions.") for k in _unet_weights(tmp_path / "a"))
+    with pytest.raises(SdliteError, match="no such attentions"):
+        prune_model(tiny_model, tmp_path / "b", ("down_blocks.2.attentions",))  # a DownBlock2D: none
+    with pytest.raises(SdliteError, match="unknown removal"):
+        prune_model(tiny_model, tmp_path / "b", ("everything",))
+    assert not (tmp_path / "b").exists()

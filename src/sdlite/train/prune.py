@@ -390,7 +390,7 @@ def prune_model(src: str | Path, dst: str | Path, drops=RECIPES["bk-sdm-small"],
                         if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".bin")):
                             out.copy(f, f"unet/{f.name}")
                     out.write_component("unet", config, tensors, metadata={"format": "pt", "sdlite_pruned": "1"})
-                elif item.name not in ("sdlite_pruned.json", "sdlite_distill.json", "distill"):
+                elif item.name not in ("sdlite_pruned.json", "sdlite_distill.json", "distill", "adherence.json"):  # (measured on the original)
                     out.copy(item, item.name)
             report["seconds"] = round(time.perf_counter() - t0, 2)
             out.write_json("sdlite_pruned.json", {"source": str(src), **report})
