@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         d = Distiller(dst, a.teacher, ["a lighthouse at dusk", "a red bicycle"], DistillRecipe(batch=a.batch),
                       threads=a.threads, log=lambda m: None)
         load_s = time.perf_counter() - t0
-        d.latents = torch.randn((4, 4, a.latent, a.latent), generator=torch.Generator().manual_seed(0))
+        # one latent per prompt, as the teacher would have drawn them
+        d.latents = torch.randn((len(d.prompts), 4, a.latent, a.latent), generator=torch.Generator().manual_seed(0))
         times = []
         for i in range(a.steps + 1):
             t0 = time.perf_counter()

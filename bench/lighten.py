@@ -1,15 +1,15 @@
 """The lighter shapes UNet, end to end: prune, distill for 10 and 30 minutes, and the adherence of each.
 
     .venv/bin/python bench/lighten.py [--work /tmp/sdlite-lighten] [--threads 1] [--minutes 10,30] \
-        [--prune "--drop mid --drop up_blocks.0.attentions --drop down_blocks.1.attentions"] [--card CARD]
+        [--prune "--drop mid --drop up_blocks.1.attentions --drop down_blocks.2.attentions"] [--card CARD]
 
 Every step runs the real command (printed before it runs) and is skipped when its output exists, so the
 script can be rerun after an interruption:
 
 1. prompts   512 distillation prompts (`sdlite.train.shapes.distill_prompts`: combinations seen in
              training only; the bench's held-out combinations stay unseen)
-2. prune     sdlite prune SHAPES WORK/pruned with `--prune`'s options (default: the mid block and the
-             attentions of up block 0 and down block 1, 31.7 % of the parameters; `--prune "--target 0.3
+2. prune     sdlite prune SHAPES WORK/pruned with `--prune`'s options (default: the mid block, the
+             attentions of up block 1 and of down block 2: 31.7 % of the parameters; `--prune "--target 0.3
              --importance output"` lets the output importance on the first 16 prompts choose)
 3. distill   a copy of WORK/pruned distilled with `--threads 1` until 10 minutes (copied to
              WORK/distilled-10), then resumed until 30 (WORK/distilled-30)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="distillation threads (1: reproducible)")
     p.add_argument("--adherence-threads", type=int, default=2)
     p.add_argument("--minutes", default="10,30", help="distillation totals to keep a copy at")
-    p.add_argument("--prune", default="--drop mid --drop up_blocks.0.attentions --drop down_blocks.1.attentions",
+    p.add_argument("--prune", default="--drop mid --drop up_blocks.1.attentions --drop down_blocks.2.attentions",
                    help="the options of sdlite prune")
     p.add_argument("-n", type=int, default=200, help="adherence prompts")
     p.add_argument("--skip-adherence", action="store_true")
@@ -140,10 +140,11 @@ def write_card(card: Path, rows: list[dict], work: Path, a) -> None:
     ordered = sorted(merged.values(), key=lambda r: (r["prune"] != "", r["prune"], r["model"] != "pruned", r["model"]))
     store.write_text(json.dumps(ordered, indent=1) + "\n")
     teacher = next(r["unet_params"] for r in ordered if not r["prune"])
-    lines = ["| pruned with | UNet parameters | distillation | all named attributes: all / seen / held-out | "
-             "position | s/image |", "|---|---|---|---|---|---|"]
+    lines = ["| removed | UNet parameters | distillation | all named attributes: all / seen / held-out | "
+             "position |", "|---|---|---|---|---|"]
     for r in ordered:
-        what = "(the teacher)" if not r["prune"] else f"`{r['prune']}` (removed: {', '.join(r.get('removed', []))})"
+        what = "(the teacher)" if not r["prune"] else ", ".join(r.get("removed", [])) + (
+            f" (chosen by `{r['prune']}`)" if "--target" in r["prune"] else "")
         params = f"{r['unet_params']:,}" + ("" if r["unet_params"] == teacher else
                                            f" ({1 - r['unet_params'] / teacher:.1%} fewer)")
         dist = (f"{r['distill_minutes']:g} min, {r['distill_steps']} steps" if "distill_steps" in r
@@ -151,11 +152,11 @@ def write_card(card: Path, rows: list[dict], work: Path, a) -> None:
         acc = (f"{100 * r['adherence_all']:.1f} / {100 * r['seen_all']:.1f} / {100 * r['held_out_all']:.1f}"
                if "adherence_all" in r else "not measured")
         pos = f"{100 * r['position']:.1f}" if r.get("position") is not None else "-"
-        lines.append(f"| {what} | {params} | {dist} | {acc} | {pos} | {r.get('seconds_per_image', '-')} |")
+        lines.append(f"| {what} | {params} | {dist} | {acc} | {pos} |")
     note = (f"`python bench/lighten.py --prune \"OPTIONS\" --card {card}` (distillation: 512 prompts of seen "
             f"combinations, batch 16, AdamW 2e-4, {a.threads} thread, the teacher's latents drawn first and counted "
             "in the minutes; adherence: 200 prompts, DPM++ 2M 20 steps, cfg 7.5). Accuracies in %; *position* "
-            "counts the prompts that name one.")
+            "counts the prompts that name one. Speed and memory: README \"Lighter UNets\".")
     card.write_text(text.split(begin)[0] + begin + "\n" + note + "\n\n" + "\n".join(lines) + "\n" + end
                     + text.split(end, 1)[1], encoding="utf-8")
 
