@@ -579,8 +579,10 @@ class Pipeline:
             raise
         timings = [StageTiming(r.name, r.seconds) for r in prof.records[first:]]
         applied = [(a.name, a.scale, a.file.short_hash()) for a in self.residency.loras]
-        return GenerationResult(image, request, format_parameters(request, self.folder.name, self.vae_name, applied),
-                                timings, final, plan, prof.to_dict())
+        kv = [x for x in (plan.kv_store if plan.kv_store != "compute" else "",
+                          "tokens through first EOT" if plan.kv_tokens == "eot" else "") if x and plan.kv_cache]
+        parameters = format_parameters(request, self.folder.name, self.vae_name, applied, kv=" + ".join(kv) or None)
+        return GenerationResult(image, request, parameters, timings, final, plan, prof.to_dict())
 
     def _start(self, request: GenerationRequest, generator: torch.Generator, latents: torch.Tensor | None,
                plan: Plan, prof: Profiler) -> tuple[torch.Tensor, "ImageStart | None"]:

@@ -289,9 +289,10 @@ def printable_name(name: str) -> str:
 
 
 def format_parameters(request: GenerationRequest, model_name: str, vae_name: str | None = None,
-                      loras=()) -> str:
+                      loras=(), kv: str | None = None) -> str:
     """The A1111-style `parameters` text that image viewers and other tools read back from a PNG:
-    the prompt, "Negative prompt: ..." when there is one, then "Steps: 20, Sampler: DPM++ 2M, ..."."""
+    the prompt, "Negative prompt: ..." when there is one, then "Steps: 20, Sampler: DPM++ 2M, ...".
+    `kv`: how the text's K/V were kept when not exactly ("int8 + tokens through first EOT"), an sdlite field."""
     lines = [_with_lora_tags(request.prompt, loras)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -315,6 +316,8 @@ def format_parameters(request: GenerationRequest, model_name: str, vae_name: str
         items.append(("Eta", f"{request.eta:g}"))
     if request.deep_cache >= 2:
         items.append(("DeepCache", request.deep_cache))
+    if kv:
+        items.append(("K/V cache", kv))
     if loras:
         hashes = ", ".join(f"{printable_name(name)}: {h}" for name, _, h in loras)
         items.append(("Lora hashes", f'"{hashes}"'))

@@ -142,6 +142,13 @@ def test_plan_validates_and_describes():
     assert "kv_cache=on," in Plan().describe() + ","
 
 
+def test_png_parameters_say_how_the_kv_were_kept(tiny_model):
+    exact = Pipeline.load(tiny_model).generate("a red circle", seed=1, steps=2)
+    assert "K/V cache" not in exact.parameters
+    lossy = Pipeline.load(tiny_model, kv_store="int8", kv_tokens="eot").generate("a red circle", seed=1, steps=2)
+    assert "K/V cache: int8 + tokens through first EOT" in lossy.parameters
+
+
 def test_load_refuses_unknown_kv_options(tiny_model):
     with pytest.raises(ValueError, match="kv_store"):
         Pipeline.load(tiny_model, kv_store="fp8")
@@ -175,3 +182,15 @@ def test_planner_counts_kv_and_picks_a_lossy_store_only_when_needed(tiny_model):
     forced = make_plan(folder, None, 64, 64, kv_store="int8", kv_tokens="eot")
     assert (forced.kv_store, forced.kv_tokens) == ("int8", "eot")
     assert dataclasses.replace(forced).kv_tokens == "eot"
+
+
+def test_cli_flags_reach_the_plan_and_the_service_config(tiny_model, tmp_path, capsys):
+    from sdlite.cli import build_parser, main, serve_config
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "-m", str(tiny_model), "--steps", "2", "--kv-store", "bf16",
+                 "--kv-tokens", "eot", "-o", str(out), "-q", "-v"]) == 0
+    assert "kv_cache=on (bf16, eot)" in capsys.readouterr().err and out.exists()
+    assert main(["generate", "a red circle", "-m", str(tiny_model), "--kv-store", "fp8", "-o", str(out)]) == 2
+    args = build_parser().parse_args(["serve", "-m", str(tiny_model), "--kv-store", "int8", "--kv-tokens", "eot"])
+    config = serve_config(args, tiny_model)
+    assert (config.kv_store, config.kv_tokens) == ("int8", "eot")

@@ -224,3 +224,13 @@ def test_drop_names_a_block_s_attentions(tiny_model, tmp_path):
     with pytest.raises(SdliteError, match="unknown removal"):
         prune_model(tiny_model, tmp_path / "b", ("everything",))
     assert not (tmp_path / "b").exists()
+
+
+def test_distill_refuses_the_teacher_itself_and_long_prompts(tiny_model, pruned, tmp_path):
+    with pytest.raises(SdliteError, match="is the teacher itself"):
+        Distiller(tiny_model, tiny_model, PROMPTS, DistillRecipe(), log=lambda m: None)
+    dst = tmp_path / "d"
+    shutil.copytree(pruned, dst)
+    with pytest.raises(SdliteError, match="prompt 2 is longer"):
+        Distiller(dst, tiny_model, ["a cat", "a red circle " * 40], DistillRecipe(), log=lambda m: None)
+    assert not (dst / "distill").exists()

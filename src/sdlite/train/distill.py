@@ -118,6 +118,8 @@ class Distiller:
         self.prompts = prompts
         self.pipe = Pipeline.load(teacher, precision="fp32", threads=threads)
         self.teacher = load_plain_unet(self.pipe.folder).eval().requires_grad_(False)
+        if Path(dst).resolve() == Path(self.pipe.folder.root).resolve():
+            raise SdliteError(f"{dst}: is the teacher itself; distill a pruned copy (sdlite prune TEACHER DST)")
         self.student_folder = open_model(self.dst)
         if self.student_folder.source != "folder":
             raise SdliteError(f"{dst}: distill writes into a diffusers folder (the output of sdlite prune)")
@@ -132,10 +134,13 @@ class Distiller:
         self.identity = {"teacher": str(Path(teacher).resolve()), "recipe": recipe.key(),
                          "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
         with torch.inference_mode():
-            self.cond = torch.cat([self.pipe.encode_prompt(p) for p in prompts]).clone()
             self.uncond = self.pipe.encode_prompt("").clone()
-        if self.cond.shape[1] != self.uncond.shape[1]:
-            raise SdliteError("a prompt is longer than 75 tokens; distill takes one-chunk prompts")
+            encoded = [self.pipe.encode_prompt(p) for p in prompts]
+            for line, e in enumerate(encoded, 1):
+                if e.shape[1] != self.uncond.shape[1]:
+                    raise SdliteError(f"prompt {line} is longer than {self.pipe.tokenizer.max_length - 2} tokens; "
+                                      "distill takes one-chunk prompts")
+            self.cond = torch.cat(encoded).clone()
         self.t_features, self.s_features = BlockFeatures(self.teacher), BlockFeatures(self.student)
         self._resume()
 
@@ -192,7 +197,10 @@ class Distiller:
         report = {"teacher": self.identity["teacher"], "prompts": len(self.prompts), "steps": self.step,
                   "minutes": round(self.seconds / 60, 2), "threads": torch.get_num_threads(),
                   "recipe": asdict(self.recipe), "loss_last": self.history[-1] if self.history else None}
-        (self.dst / "sdlite_distill.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        record = self.dst / "sdlite_distill.json"
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, record)
 
     # --- the work ---------------------------------------------------------------------------------
 
