@@ -50,7 +50,7 @@ from .runtime.components import (
 )
 from .runtime.compute_thread import run_on_compute_thread
 from .runtime.deep_cache import deep_cache_unet
-from .runtime.kv_cache import TokenKeep, cross_attention_cache, keep_through_first_eot
+from .runtime.kv_cache import TokenKeep, check_kv_options, cross_attention_cache, keep_through_first_eot
 from .runtime.lora import DEFAULT_METHOD, ActiveLoRA, LoRASet, lora_bytes, loras_from_prompt
 from .runtime.planner import STAGES, Plan, SizePlans, make_plan
 from .runtime.precision import Precision, resolve_precision
@@ -77,11 +77,7 @@ GuidedModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _kv_choice(kv_store: str | None, kv_tokens: str | None) -> tuple[str | None, str | None]:
     """(kv_store, kv_tokens) checked: ValueError for an unknown one."""
-    from .runtime.kv_cache import KV_STORES, KV_TOKENS
-    if kv_store is not None and kv_store not in KV_STORES:
-        raise ValueError(f"kv_store must be one of {', '.join(KV_STORES)}, got {kv_store!r}")
-    if kv_tokens is not None and kv_tokens not in KV_TOKENS:
-        raise ValueError(f"kv_tokens must be one of {', '.join(KV_TOKENS)}, got {kv_tokens!r}")
+    check_kv_options(kv_store, kv_tokens)
     return kv_store, kv_tokens
 
 

@@ -36,6 +36,14 @@ KV_STORES = ("compute", "bf16", "int8")
 KV_TOKENS = ("all", "eot")
 
 
+def check_kv_options(store: str | None, tokens: str | None) -> None:
+    """ValueError for a `store` not in KV_STORES or `tokens` not in KV_TOKENS (None passes: not chosen)."""
+    if store is not None and store not in KV_STORES:
+        raise ValueError(f"kv_store must be one of {', '.join(KV_STORES)}, got {store!r}")
+    if tokens is not None and tokens not in KV_TOKENS:
+        raise ValueError(f"kv_tokens must be one of {', '.join(KV_TOKENS)}, got {tokens!r}")
+
+
 class TokenKeep:
     """Which tokens of a text context to keep: context tensor -> (B, S) bool, by the tensor's identity
     (its storage pointer and shape, as the K/V cache keys it). `cond` / `uncond`: the (S,) masks of the
@@ -163,8 +171,7 @@ def _masked_attend(cache: _CachedKV, attend):
 def cross_attention_cache(unet: nn.Module, store: str = "compute", keep: TokenKeep | None = None):
     """Within the block, every cross-attention layer of `unet` keeps its context's K/V (see the module
     docstring for `store` and `keep`); yields how many layers. Raises ValueError for an unknown store."""
-    if store not in KV_STORES:
-        raise ValueError(f"kv store must be one of {KV_STORES}, got {store!r}")
+    check_kv_options(store, None)
     layers = [b.attn2 for b in unet.modules() if isinstance(b, BasicTransformerBlock)]
     attends = [layer.attend for layer in layers]
     for layer in layers:

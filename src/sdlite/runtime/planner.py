@@ -218,11 +218,8 @@ class Plan:
 
     def validate(self) -> None:
         """ValueError for an unknown `kv_store` / `kv_tokens`."""
-        from .kv_cache import KV_STORES, KV_TOKENS
-        if self.kv_store not in KV_STORES:
-            raise ValueError(f"kv_store must be one of {', '.join(KV_STORES)}, got {self.kv_store!r}")
-        if self.kv_tokens not in KV_TOKENS:
-            raise ValueError(f"kv_tokens must be one of {', '.join(KV_TOKENS)}, got {self.kv_tokens!r}")
+        from .kv_cache import check_kv_options
+        check_kv_options(self.kv_store, self.kv_tokens)
 
     def weights_mode_of(self, stage_dtype: str) -> str:
         """The weights mode of a stage computing in `stage_dtype` ("float32", "bfloat16", "float16")."""
