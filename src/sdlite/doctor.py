@@ -471,7 +471,7 @@ def _probe_steps(pipe) -> dict:
     times = []
     start = t0 = time.perf_counter()
     model = pipe.guided_model(cond, uncond, settings["cfg_scale"], plan)
-    cache = cross_attention_cache(pipe.unet.module) if plan.kv_cache else None
+    cache = cross_attention_cache(pipe.unet.module, plan.kv_store) if plan.kv_cache else None
     with torch.inference_mode(), cache or contextlib.nullcontext():
         # a cold call, then warm ones: up to PROBE_WARM_CALLS while the probe is under PROBE_SECONDS, one at least
         while len(times) < 2 or (len(times) <= PROBE_WARM_CALLS and time.perf_counter() - start < PROBE_SECONDS):

@@ -75,12 +75,6 @@ __all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "StageTiming", "
 GuidedModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _kv_choice(kv_store: str | None, kv_tokens: str | None) -> tuple[str | None, str | None]:
-    """(kv_store, kv_tokens) checked: ValueError for an unknown one."""
-    check_kv_options(kv_store, kv_tokens)
-    return kv_store, kv_tokens
-
-
 class Pipeline:
     """A loaded model folder plus the memory plan that decides how it runs. Build it with `load`."""
 
@@ -159,10 +153,10 @@ class Pipeline:
         `precision`, `kv_store` or `kv_tokens`. Loading, like
         every generation, runs on sdlite's compute thread (see runtime.compute_thread)."""
         precision = resolve_precision(dtype if dtype is not None else precision)
-        kv = _kv_choice(kv_store, kv_tokens)
+        check_kv_options(kv_store, kv_tokens)
         return run_on_compute_thread(cls._load, path, memory_budget, plan, width, height, precision, threads,
                                      profiler, vae, config, prediction_type, loras, lora_dir, lora_method,
-                                     embeddings, kv)
+                                     embeddings, (kv_store, kv_tokens))
 
     @classmethod
     def _load(cls, path, memory_budget, plan, width, height, precision, threads, profiler, vae, config,
@@ -575,9 +569,7 @@ class Pipeline:
             raise
         timings = [StageTiming(r.name, r.seconds) for r in prof.records[first:]]
         applied = [(a.name, a.scale, a.file.short_hash()) for a in self.residency.loras]
-        kv = [x for x in (plan.kv_store if plan.kv_store != "compute" else "",
-                          "tokens through first EOT" if plan.kv_tokens == "eot" else "") if x and plan.kv_cache]
-        parameters = format_parameters(request, self.folder.name, self.vae_name, applied, kv=" + ".join(kv) or None)
+        parameters = format_parameters(request, self.folder.name, self.vae_name, applied, kv=plan.kv_inexact())
         return GenerationResult(image, request, parameters, timings, final, plan, prof.to_dict())
 
     def _start(self, request: GenerationRequest, generator: torch.Generator, latents: torch.Tensor | None,

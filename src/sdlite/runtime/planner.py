@@ -209,12 +209,21 @@ class Plan:
             parts.append("streamed=" + "+".join(self.streamed))
         return ", ".join(parts)
 
-    def _kv(self) -> str:
+    def _kv_changes(self) -> list[str]:
+        """How the cached text K/V differ from the exact ones: [] or e.g. ["int8", "eot"]."""
         if not self.kv_cache:
-            return "off"
-        extra = [x for x in (self.kv_store if self.kv_store != "compute" else None,
-                             "eot" if self.kv_tokens == "eot" else None) if x]
-        return "on" + (f" ({', '.join(extra)})" if extra else "")
+            return []
+        return [x for x in (self.kv_store if self.kv_store != "compute" else None,
+                            "eot" if self.kv_tokens == "eot" else None) if x]
+
+    def _kv(self) -> str:
+        extra = self._kv_changes()
+        return "off" if not self.kv_cache else "on" + (f" ({', '.join(extra)})" if extra else "")
+
+    def kv_inexact(self) -> str | None:
+        """For the PNG parameters: "int8 + tokens through first EOT" when the K/V are not kept exactly, else None."""
+        words = {"eot": "tokens through first EOT"}
+        return " + ".join(words.get(x, x) for x in self._kv_changes()) or None
 
     def validate(self) -> None:
         """ValueError for an unknown `kv_store` / `kv_tokens`."""
